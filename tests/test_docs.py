@@ -19,6 +19,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 PUBLIC_MODULES = [
     "p4opt",
     "p4opt.linalg",
+    "p4opt.linalg_orthogonal",
     "p4opt.nn",
     "p4opt.checks",
     "p4opt.baselines",
