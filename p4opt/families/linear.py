@@ -35,7 +35,16 @@ class AffineSpace(nn.Module, abc.ABC):
     ``violation(theta)``
         :math:`C\,\mathrm{vec}(\theta) - d` as a flat vector (rows may be
         redundant); from it follow :meth:`residual` and the dense :meth:`constraints`.
+
+    Optionally ``finish(w)`` re-rounds a low-precision tensor so that the
+    constraint holds to more than its rounding level (e.g. a zero-sum fiber's
+    last entry recomputed from the others in float64); it must be the
+    identity in exact arithmetic on :math:`S`, so gradients are unchanged.
+    ``tolerance_scale`` widens :meth:`LinearStructure.validate`'s tolerance for
+    rows of :math:`C` with large norms (rounding errors grow with them).
     """
+
+    tolerance_scale: float = 1.0
 
     dim: int
     shape: tuple[int, ...]
@@ -48,6 +57,9 @@ class AffineSpace(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def violation(self, theta: Tensor) -> Tensor: ...
+
+    def finish(self, w: Tensor) -> Tensor:
+        return w
 
     def residual(self, theta: Tensor) -> Tensor:
         r""":math:`\lVert C\,\mathrm{vec}(\theta) - d\rVert_{\max}` (0-dim; 0 if unconstrained)."""
@@ -101,6 +113,7 @@ class DenseSpace(AffineSpace):
             )
         self.shape = tuple(shape)
         self.dim = p - r
+        self.tolerance_scale = max(1.0, _amax(torch.linalg.vector_norm(C, dim=1)))
         self.register_buffer("C", C)
         self.register_buffer("d", d)
         self.register_buffer("N", vh[r:].mT.contiguous())
@@ -268,6 +281,7 @@ class LinearStructure(Perturbation):
             raise TypeError(f"{self.where} must be real, got {describe(value)}")
         self.space = self._make_space(value.detach())
         projected = self.space.project(value.detach().to(torch.float64)).to(value.dtype)
+        projected = self.space.finish(projected)
         if "z" not in self._parameters or self.z.shape != (self.space.dim,):
             self.z = nn.Parameter(value.new_zeros(self.space.dim))
         self.identity()
@@ -281,7 +295,8 @@ class LinearStructure(Perturbation):
 
     def apply(self, base: Tensor) -> Tensor:
         r""":math:`\theta + \mathrm{reshape}(Nz)` in the layer's dtype."""
-        return base + self._space().lift(self.z)
+        space = self._space()
+        return space.finish(base + space.lift(self.z))
 
     def _space(self) -> AffineSpace:
         if self.space is None:
@@ -302,7 +317,7 @@ class LinearStructure(Perturbation):
             return MergeResult(accepted=False, reason="non-finite update", reset=True)
         theta = self.base.to(torch.float64) + space.lift(self.z.to(torch.float64))
         projected = space.project(theta)
-        new_base = projected.to(self.base.dtype)
+        new_base = space.finish(projected.to(self.base.dtype))
         if not torch.isfinite(new_base).all():
             self.identity()
             return MergeResult(accepted=False, reason="non-finite merged tensor", reset=True)
@@ -318,12 +333,13 @@ class LinearStructure(Perturbation):
         Figures: ``residual`` (current tensor, layer dtype), ``base_residual``
         (the merged base) and ``update_norm`` :math:`\lVert z\rVert_2`.
         Tolerance: ``1e-12`` (float64) or ``1e-6`` (float32), times
-        ``max(1, max|θ|)``. Cost: one residual evaluation (:math:`O(p)` for presets).
+        ``max(1, max|θ|)`` (and, for a dense ``C``, times the largest row norm,
+        at least 1). Cost: one residual evaluation (:math:`O(p)` for presets).
         """
         space = self._space()
         current = self.apply(self.base)
         scale = max(1.0, float(current.abs().max()))
-        tol = RESIDUAL_TOLERANCE.get(current.dtype, 1e-3) * scale
+        tol = RESIDUAL_TOLERANCE.get(current.dtype, 1e-3) * scale * space.tolerance_scale
         figures = {
             "residual": float(space.residual(current.to(torch.float64))),
             "base_residual": float(space.residual(self.base.to(torch.float64))),

@@ -114,6 +114,15 @@ class _ZeroSumSpace(AffineSpace):
     def project(self, theta: Tensor) -> Tensor:
         return theta - (theta.sum(self.axis, keepdim=True) - self.value) / self.m
 
+    def finish(self, w: Tensor) -> Tensor:
+        # Low precision: recompute each fiber's last entry from the others in float64, so the
+        # fiber sums are off by one rounding of one entry instead of the sum of m roundings.
+        if w.dtype == torch.float64:
+            return w
+        head = w.narrow(self.axis, 0, self.m - 1)
+        total = head.sum(self.axis, keepdim=True, dtype=torch.float64)
+        return torch.cat([head, (self.value - total).to(w.dtype)], dim=self.axis)
+
     def violation(self, theta: Tensor) -> Tensor:
         return (theta.sum(self.axis) - self.value).reshape(-1)
 
@@ -229,7 +238,10 @@ class ZeroSum(LinearStructure):
     conservation; with a bias, the bias must sum to zero, e.g. ``ZeroSum(0)``
     on it). ``z`` holds each fiber in an orthonormal basis of
     :math:`\mathbf 1^\perp` (:func:`sum_complement`); projection is mean
-    subtraction. Cost per step and per merge :math:`O(p)`.
+    subtraction. In float32/float16 each fiber's last entry is recomputed from
+    the others in float64 (:math:`O(p)`), which keeps the sums exact to the
+    rounding of one entry (~1e-9) rather than of the whole fiber. Cost per step
+    and per merge :math:`O(p)`.
 
     Examples
     --------
