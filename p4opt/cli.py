@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (compare, bench):
-        module.add_arguments(sub.add_parser(module.COMMAND, help=module.HELP, description=module.HELP))
+        command = sub.add_parser(module.COMMAND, help=module.HELP, description=module.HELP)
+        module.add_arguments(command)
     return parser
 
 

@@ -84,7 +84,8 @@ class P4Optimizer(torch.optim.Optimizer):
             raise TypeError("optimizer is already a P4Optimizer; wrap the plain optimizer once")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer instance, got {type(optimizer).__name__}"
+                "optimizer must be a torch.optim.Optimizer instance, "
+                f"got {type(optimizer).__name__}"
             )
         self.optimizer = optimizer
         self.merge_every = _check_interval(merge_every)
@@ -138,9 +139,8 @@ class P4Optimizer(torch.optim.Optimizer):
 
     # -------------------------------------------------------------- discovery
     def _discover(self) -> list[Perturbation]:
-        position = {
-            id(p): i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])
-        }
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        position = {id(p): i for i, p in enumerate(params)}
         found: list[tuple[int, Perturbation]] = []
         for pert in live_perturbations():
             if not pert.is_registered:

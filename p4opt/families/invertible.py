@@ -150,25 +150,29 @@ class Invertible(Perturbation):
 
     # ------------------------------------------------------------ registration
     def attach(self, value: Tensor) -> Tensor:
-        """Check that ``value`` is square and invertible; initialize the bookkeeping."""
+        """Check that ``value`` is square (or a stack) and invertible; set up the bookkeeping."""
         if not isinstance(value, Tensor) or not value.is_floating_point():
             raise TypeError(f"{self.where} must be a floating-point tensor, got {describe(value)}")
-        if value.ndim != 2 or value.shape[0] != value.shape[1]:
+        if value.ndim < 2 or value.shape[-1] != value.shape[-2]:
             raise ShapeError(
-                f"Invertible needs a square matrix, but {self.where} is a {describe(value)}"
+                "Invertible needs a square matrix (n, n) or a stack (*, n, n), but "
+                f"{self.where} is a {describe(value)}"
             )
-        n = value.shape[0]
+        n = value.shape[-1]
         if self.rank > n:
             raise ValueError(f"rank {self.rank} exceeds the size {n} of {self.where}")
         matrix = value.detach().to(self.dtype)
         inv, info = torch.linalg.inv_ex(matrix)
         sign, logabsdet = torch.linalg.slogdet(matrix)
-        cond = float(torch.linalg.matrix_norm(matrix, 1) * torch.linalg.matrix_norm(inv, 1))
-        if int(info) != 0 or float(sign) == 0 or not math.isfinite(cond):
-            raise SingularMatrixError(f"{self.where} is singular; Invertible needs an invertible matrix")
-        if cond > self.max_condition:
+        cond = torch.linalg.matrix_norm(matrix, 1) * torch.linalg.matrix_norm(inv, 1)
+        worst = float(torch.where(torch.isfinite(cond), cond, math.inf).amax())
+        if bool((info != 0).any()) or bool((sign == 0).any()) or not math.isfinite(worst):
             raise SingularMatrixError(
-                f"{self.where} is numerically singular (1-norm condition number {cond:.2e} > "
+                f"{self.where} is singular; Invertible needs an invertible matrix"
+            )
+        if worst > self.max_condition:
+            raise SingularMatrixError(
+                f"{self.where} is numerically singular (1-norm condition number {worst:.2e} > "
                 f"max_condition={self.max_condition:.1e}); start from a better-conditioned matrix"
             )
         self._init_state(value, matrix, inv, sign, logabsdet)
@@ -177,12 +181,12 @@ class Invertible(Perturbation):
     def _init_state(
         self, value: Tensor, matrix: Tensor, inv: Tensor, sign: Tensor, logabsdet: Tensor
     ) -> None:
-        n, k = value.shape[0], self.rank
+        factor_shape = (*value.shape[:-1], self.rank)
         precise = matrix.clone() if value.dtype != self.dtype else None
         if "U" not in self._parameters:
             like = dict(dtype=value.dtype, device=value.device)
-            self.U = nn.Parameter(torch.zeros(n, k, **like))
-            self.V = nn.Parameter(torch.zeros(n, k, **like))
+            self.U = nn.Parameter(torch.zeros(factor_shape, **like))
+            self.V = nn.Parameter(torch.zeros(factor_shape, **like))
             self.register_buffer("inv", inv)
             self.register_buffer("precise_base", precise)
             self.register_buffer("sign_base", sign)
@@ -198,16 +202,24 @@ class Invertible(Perturbation):
         self.identity()
 
     # ---------------------------------------------------------------- contract
-    @torch.no_grad()
     def identity(self) -> None:
         """Set ``U = 0`` and redraw ``V`` from the perturbation's generator."""
-        self.U.zero_()
+        self._reset(torch.ones((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def _reset(self, mask: Tensor) -> None:
+        """Return the stack elements selected by the boolean ``mask`` to the identity."""
         fresh = torch.randn(self.V.shape, generator=self.generator, dtype=torch.float64)
-        self.V.copy_(fresh.mul_(self.init_scale))
+        fresh = fresh.mul_(self.init_scale).to(self.V)
+        mask = mask.to(self.V.device)[..., None, None]
+        self.U.copy_(torch.where(mask, torch.zeros_like(self.U), self.U))
+        self.V.copy_(torch.where(mask, fresh, self.V))
 
     def apply(self, base: Tensor) -> Tensor:
-        """:math:`A + U V^T` in the layer's dtype; cost :math:`O(n^2 k)`."""
-        return torch.addmm(base, self.U, self.V.mT)
+        """:math:`A + U V^T` in the layer's dtype; cost :math:`O(n^2 k)` per matrix."""
+        if base.ndim == 2:
+            return torch.addmm(base, self.U, self.V.mT)
+        return base + self.U @ self.V.mT
 
     def _factors(self) -> tuple[Tensor, Tensor]:
         return self.U.to(self.dtype), self.V.to(self.dtype)
@@ -245,12 +257,20 @@ class Invertible(Perturbation):
         Computed in ``y``'s dtype (a float32 ``y`` uses a float32 copy of the
         float64 inverse, refreshed after each merge); differentiable in ``y``,
         ``U`` and ``V``. Cost :math:`O(B n^2)` for ``B`` vectors.
+
+        For a stack of shape ``(*, n, n)``, ``y`` has shape ``(..., *, n)`` and
+        element ``i`` of the stack is applied to ``y[..., i, :]`` (via the
+        explicit inverses, cost :math:`O(L n^2 k + B L n^2)`).
         """
         n = self.inv.shape[-1]
+        stack = self.inv.shape[:-2]
         if not isinstance(y, Tensor) or not y.is_floating_point():
             raise TypeError(f"y must be a floating-point tensor, got {describe(y)}")
-        if y.ndim == 0 or y.shape[-1] != n:
-            raise ShapeError(f"y must have shape (..., {n}) for {self.where}, got {describe(y)}")
+        if y.ndim < 1 + len(stack) or y.shape[y.ndim - 1 - len(stack):] != (*stack, n):
+            want = ", ".join(str(d) for d in (*stack, n))
+            raise ShapeError(f"y must have shape (..., {want}) for {self.where}, got {describe(y)}")
+        if stack:
+            return (self.inverse().to(y.dtype) @ y.unsqueeze(-1)).squeeze(-1)
         inv = self._inverse_as(y.dtype)
         return linalg.woodbury_solve(inv, self.U.to(y.dtype), self.V.to(y.dtype), y)
 
@@ -286,47 +306,60 @@ class Invertible(Perturbation):
     # ------------------------------------------------------------------ merging
     @torch.no_grad()
     def merge(self) -> MergeResult:
-        """Fold :math:`UV^T` into :math:`A` after validating it; cost :math:`O(n^2 k)`."""
+        """Fold :math:`UV^T` into :math:`A` after validating it; cost :math:`O(n^2 k)`.
+
+        For a stack ``(L, n, n)`` every layer is validated and merged on its
+        own; ``accepted`` is true only if all were, and the figure
+        ``rejected`` counts the others (which keep their base bit for bit).
+        """
         u, v = self._factors()
-        if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
-            return self._reject("non-finite update", {}, force_reset=True)
-        inv_u, cap = linalg.capacitance(self.inv, u, v)
-        cap_sign, cap_logabsdet = torch.linalg.slogdet(cap)
-        figures = {"update_logabsdet": float(cap_logabsdet)}
-        lo, hi = self.update_logdet_bounds
-        if float(cap_sign) == 0 or not math.isfinite(figures["update_logabsdet"]):
-            return self._reject("singular update", figures, force_reset=True)
-        if not lo <= figures["update_logabsdet"] <= hi:
-            why = f"update log|det| {figures['update_logabsdet']:.3g} outside [{lo:g}, {hi:g}]"
-            return self._reject(why, figures)
-        new_logabsdet = self.logabsdet_base + cap_logabsdet
-        figures["logabsdet"] = float(new_logabsdet)
-        lo, hi = self.logdet_bounds
-        if not lo <= figures["logabsdet"] <= hi:
-            return self._reject(f"log|det| {figures['logabsdet']:.3g} outside [{lo:g}, {hi:g}]", figures)
-        new_inv = self.inv - inv_u @ torch.linalg.solve(cap, v.mT @ self.inv)
-        new_matrix = torch.addmm(self._matrix(), u, v.mT)
-        new_base = new_matrix.to(self.base.dtype)
-        if not (torch.isfinite(new_inv).all() and torch.isfinite(new_base).all()):
-            return self._reject("non-finite merged matrix", figures, force_reset=True)
-        self.inv.copy_(new_inv)
-        self.logabsdet_base.copy_(new_logabsdet)
-        self.sign_base.mul_(cap_sign)
-        if self.precise_base is not None:
-            self.precise_base.copy_(new_matrix)
-        self.base.copy_(new_base)
-        self.merges += 1
-        corrected = self.correct_every is not None and int(self.merges) % self.correct_every == 0
+        out = linalg.low_rank_merge(
+            self._matrix(), self.inv, self.sign_base, self.logabsdet_base, u, v,
+            self.update_logdet_bounds, self.logdet_bounds, out_dtype=self.base.dtype,
+        )
+        ok = out.code == 0
+        n_rejected = int((~ok).sum())
+        update = out.update_logabsdet
+        figures = {  # signed for one matrix, the largest magnitude for a stack
+            "update_logabsdet": float(update if update.ndim == 0 else update.abs().amax()),
+            "rejected": float(n_rejected),
+        }
+        if bool(ok.any()):
+            new_base = out.matrix.to(self.base.dtype)
+            self.base.copy_(torch.where(ok[..., None, None], new_base, self.base))
+            if self.precise_base is not None:
+                self.precise_base.copy_(out.matrix)
+            self.inv.copy_(out.inv)
+            self.sign_base.copy_(out.sign)
+            self.logabsdet_base.copy_(out.logabsdet)
+            self.merges += 1
+        corrected = bool(ok.any()) and self.correct_every is not None and (
+            int(self.merges) % self.correct_every == 0
+        )
         if corrected:
             figures.update(self.correct())
-        self.identity()
-        return MergeResult(accepted=True, reset=True, corrected=corrected, figures=figures)
-
-    def _reject(self, reason: str, figures: dict[str, float], force_reset: bool = False) -> MergeResult:
-        reset = force_reset or self.on_reject == "reset"
-        if reset:
-            self.identity()
-        return MergeResult(accepted=False, reason=reason, reset=reset, figures=figures)
+        # accepted layers always restart from the identity; rejected ones per ``on_reject``,
+        # except updates that cannot be kept (non-finite or singular)
+        forced = (out.code == 1) | (out.code == 2) | (out.code == 5)
+        reset = ok | forced | (self.on_reject == "reset")
+        self._reset(reset)
+        reason = "ok"
+        if n_rejected:
+            codes = out.code[~ok].tolist()
+            first = linalg.MERGE_REJECTIONS[codes[0]]
+            if out.code.ndim:
+                first = f"{n_rejected} of {ok.numel()} rejected: {first}"
+            reason = first
+            if codes[0] == 3:
+                lo, hi = self.update_logdet_bounds
+                reason += f" [{lo:g}, {hi:g}] (update log|det| {figures['update_logabsdet']:.3g})"
+        return MergeResult(
+            accepted=n_rejected == 0,
+            reason=reason,
+            reset=bool(reset.any()),
+            corrected=corrected,
+            figures=figures,
+        )
 
     @torch.no_grad()
     def correct(self) -> dict[str, float]:
@@ -336,9 +369,11 @@ class Invertible(Perturbation):
         bookkeeping unchanged if the refinement produces anything non-finite.
         """
         matrix = self._matrix()
-        inv, residual = linalg.refine_inverse(matrix, self.inv, order=self.refine_order, max_steps=2)
+        inv, residual = linalg.refine_inverse(
+            matrix, self.inv, order=self.refine_order, max_steps=2
+        )
         sign, logabsdet = torch.linalg.slogdet(matrix)
-        if math.isfinite(residual) and torch.isfinite(logabsdet) and float(sign) != 0:
+        if math.isfinite(residual) and bool(torch.isfinite(logabsdet).all() & (sign != 0).all()):
             self.inv.copy_(inv)
             self.sign_base.copy_(sign)
             self.logabsdet_base.copy_(logabsdet)
@@ -355,14 +390,16 @@ class Invertible(Perturbation):
         the layer's base and the float64 base), and ``update_logabsdet``.
         """
         u, v = self._factors()
-        w = torch.addmm(self._matrix(), u, v.mT)
+        w = self._matrix() + u @ v.mT
         inverse_error = float(linalg.inverse_residual(w, self.inverse()).abs().amax())
         ref_sign, ref_logabsdet = torch.linalg.slogdet(w)
         sign, logabsdet = linalg.lemma_slogdet(self.inv, u, v, self.sign_base, self.logabsdet_base)
-        logdet_error = float((logabsdet - ref_logabsdet).abs()) if sign == ref_sign else math.inf
+        logdet_error = float((logabsdet - ref_logabsdet).abs().amax())
+        if bool((sign != ref_sign).any()):
+            logdet_error = math.inf
         scale = float(self._matrix().abs().amax())
         rounding = float((self.base.to(self.dtype) - self._matrix()).abs().amax()) / scale
-        cap_logabsdet = torch.linalg.slogdet(linalg.capacitance(self.inv, u, v)[1])[1]
+        cap_logabsdet = torch.linalg.slogdet(linalg.capacitance(self.inv, u, v)[1])[1].abs().amax()
         eps = torch.finfo(self.base.dtype).eps
         figures = {
             "inverse_error": inverse_error,
