@@ -9,18 +9,21 @@ that direction. ``layer.transform()`` is a :class:`torch.distributions.Transform
 from p4opt.nn import functional
 from p4opt.nn.activations import BentIdentity, InverseBentIdentity
 from p4opt.nn.base import Bijection, Flow
-from p4opt.nn.coupling import AffineCoupling, realnvp
+from p4opt.nn.coupling import AffineCoupling, realnvp, realnvp_with_params
 from p4opt.nn.distributions import BijectionTransform, flow_distribution
 from p4opt.nn.linear import InvertibleLinear, random_orthogonal
+from p4opt.nn.stack import InvertibleLinearStack
 
 __all__ = [
     "Bijection",
     "Flow",
     "InvertibleLinear",
+    "InvertibleLinearStack",
     "BentIdentity",
     "InverseBentIdentity",
     "AffineCoupling",
     "realnvp",
+    "realnvp_with_params",
     "BijectionTransform",
     "flow_distribution",
     "random_orthogonal",

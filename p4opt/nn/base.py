@@ -7,7 +7,7 @@ Every layer is an :class:`torch.nn.Module` acting on vectors ``x[..., n]``:
 ``forward(x) -> y`` and ``inverse(y) -> x``
     The plain maps (``InvertibleLinear.forward`` is exactly ``torch.nn.Linear``'s).
 ``forward_and_log_det(x) -> (y, ladj)``
-    ``ladj[...]`` is the per-sample :math:`\log|\det \partial y / \partial x|`, shape ``x.shape[:-1]``.
+    ``ladj`` is the per-sample :math:`\log|\det \partial y / \partial x|`, shape ``x.shape[:-1]``.
 ``inverse_and_log_det(y) -> (x, ladj)``
     ``ladj`` is :math:`\log|\det \partial x / \partial y|` of the *inverse* map, so it is the
     negative of ``forward_and_log_det(x)[1]`` at the same point.
@@ -48,7 +48,7 @@ class Bijection(nn.Module, abc.ABC):
         return self.inverse_and_log_det(y)[0]
 
     def transform(self, cache_size: int = 1) -> torch.distributions.Transform:
-        """This layer as a :class:`torch.distributions.Transform` (forward = this layer's forward)."""
+        """This layer as a :class:`torch.distributions.Transform` (same forward direction)."""
         from p4opt.nn.distributions import BijectionTransform
 
         return BijectionTransform(self, cache_size=cache_size)
@@ -83,7 +83,8 @@ class Flow(Bijection):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         for i, layer in enumerate(self.layers):
-            if not hasattr(layer, "forward_and_log_det") or not hasattr(layer, "inverse_and_log_det"):
+            needed = ("forward_and_log_det", "inverse_and_log_det")
+            if not all(hasattr(layer, name) for name in needed):
                 raise TypeError(
                     f"layer {i} ({type(layer).__name__}) needs forward_and_log_det and "
                     "inverse_and_log_det (see p4opt.nn.base)"

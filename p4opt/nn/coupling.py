@@ -9,7 +9,7 @@ from p4opt._typing import Tensor
 from p4opt.exceptions import ShapeError, describe
 from p4opt.nn.base import Bijection, Flow
 
-__all__ = ["AffineCoupling", "realnvp"]
+__all__ = ["AffineCoupling", "realnvp", "realnvp_with_params"]
 
 
 class AffineCoupling(Bijection):
@@ -110,3 +110,22 @@ def realnvp(n: int, layers: int, hidden: int, depth: int = 2, scale_bound: float
         AffineCoupling(n, parity=i % 2, hidden=hidden, depth=depth, scale_bound=scale_bound)
         for i in range(layers)
     )
+
+
+def realnvp_with_params(n: int, n_params: int, layers: int = 4, depth: int = 2) -> Flow:
+    """The :func:`realnvp` flow whose trainable-parameter count is closest to ``n_params``.
+
+    Only the hidden width is searched; used to compare flows at equal size.
+
+    Examples
+    --------
+    >>> flow = realnvp_with_params(2, 1200)
+    >>> sum(p.numel() for p in flow.parameters())
+    1208
+    """
+    def size(h: int) -> int:  # per coupling: (c->h), depth-1 times (h->h), (h->2t)
+        c, t = (n + 1) // 2, n // 2
+        return layers * (c * h + h + (depth - 1) * (h * h + h) + h * 2 * t + 2 * t)
+
+    best = min(range(1, 1025), key=lambda h: abs(size(h) - n_params))
+    return realnvp(n, layers, best, depth)

@@ -26,7 +26,8 @@ class BijectionTransform(Transform):
     >>> from p4opt.nn import InvertibleLinear
     >>> _ = torch.manual_seed(0)
     >>> layer = InvertibleLinear(2, dtype=torch.float64)
-    >>> base = MultivariateNormal(torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64))
+    >>> eye = torch.eye(2, dtype=torch.float64)
+    >>> base = MultivariateNormal(torch.zeros(2, dtype=torch.float64), eye)
     >>> dist = TransformedDistribution(base, [layer.transform()])
     >>> y = dist.sample((3,))
     >>> w = layer.weight.detach()
@@ -67,7 +68,9 @@ class BijectionTransform(Transform):
         return self.layer.forward_and_log_det(x)[1]
 
     def with_cache(self, cache_size: int = 1) -> BijectionTransform:
-        return self if self._cache_size == cache_size else BijectionTransform(self.layer, cache_size)
+        if self._cache_size == cache_size:
+            return self
+        return BijectionTransform(self.layer, cache_size)
 
 
 def flow_distribution(flow: torch.nn.Module, base: Distribution) -> TransformedDistribution:

@@ -1,4 +1,4 @@
-r""":class:`InvertibleLinear`: a square linear layer trained through P⁴Inv with exact inverse and log-det."""
+r""":class:`InvertibleLinear`: a square linear layer trained by P⁴Inv (exact inverse, log-det)."""
 
 from __future__ import annotations
 
