@@ -30,7 +30,7 @@ from p4opt.baselines.base import (
     missing_modules,
     orthogonality_error,
 )
-from p4opt.baselines.dense import LU, Dense
+from p4opt.baselines.dense import LU, Dense, Plain
 from p4opt.baselines.p4 import P4Weight
 from p4opt.baselines.peers import GeooptStiefel, Geotorch, TorchOrthogonal
 
@@ -47,6 +47,7 @@ __all__ = [
     "missing_modules",
     "orthogonality_error",
     "Dense",
+    "Plain",
     "LU",
     "P4Weight",
     "GeooptStiefel",
@@ -58,7 +59,7 @@ _ADAM = (3e-3, 1e-2, 3e-2)
 
 #: The reference step of every comparison: a plain ``nn.Linear`` weight under Adam.
 REFERENCE = Method(
-    "linear", "invertible", Dense, _ADAM, description="plain nn.Linear weight, Adam (reference)"
+    "linear", "invertible", Plain, _ADAM, description="plain nn.Linear weight, Adam (reference)"
 )
 
 METHODS: tuple[Method, ...] = (

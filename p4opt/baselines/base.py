@@ -130,7 +130,7 @@ class Method:
             return None
         names = ", ".join(m.replace(":", ".") for m in missing)
         hint = "" if self.p4 else " (pip install 'p4opt[baselines]')"
-        return f"method {self.name!r} skipped: {names} is not installed{hint}"
+        return f"method {self.name!r} skipped: {names} is not available{hint}"
 
     def build(self, init: Tensor, seed: int = 0) -> Constrained:
         """Build the holder starting at ``init`` (shape (n, n), its dtype is kept).

@@ -8,7 +8,7 @@ from torch import nn
 from p4opt._typing import Tensor
 from p4opt.baselines.base import Constrained, _as_linear
 
-__all__ = ["Dense", "LU"]
+__all__ = ["Dense", "Plain", "LU"]
 
 
 class Dense(Constrained):
@@ -31,6 +31,17 @@ class Dense(Constrained):
 
     def weight(self) -> Tensor:
         return self.linear.weight
+
+
+class Plain(Dense):
+    r"""The reference step: a plain ``nn.Linear`` weight whose log|det| is taken as 0 (no cost).
+
+    Used to time what an unconstrained layer costs on a task; its losses on
+    tasks that need log|det| are not meaningful.
+    """
+
+    def logabsdet(self) -> Tensor:
+        return torch.zeros((), dtype=self.linear.weight.dtype)
 
 
 class LU(Constrained):
