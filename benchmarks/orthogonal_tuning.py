@@ -154,7 +154,7 @@ def main() -> None:
     run = dict(max_steps=args.max_steps, target=args.target)
     print(f"orthogonal Procrustes n={n}, X {tuple(x.shape)}, steps to rel. loss {args.target:g}")
     t0 = time.perf_counter()
-    geo = {lr: run_geoopt(x, y, lr, **run) for lr in [*args.lrs, 0.3, 0.5, 0.7, 1.0]}
+    geo = {lr: run_geoopt(x, y, lr, **run) for lr in [*args.lrs, 0.3, 0.5, 1.0, 2.0]}
     print(f"{'geoopt RiemannianAdam (Stiefel)':44s}", fmt(geo), flush=True)
     gt = {lr: run_geotorch(x, y, lr, **run) for lr in [0.01, 0.02, *args.lrs]}
     print(f"{'geotorch orthogonal + Adam':44s}", fmt(gt), flush=True)
