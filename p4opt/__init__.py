@@ -7,7 +7,7 @@ from p4opt.exceptions import (
     ShapeError,
     SingularMatrixError,
 )
-from p4opt.families import Invertible
+from p4opt.families import Invertible, Orthogonal
 from p4opt.optimizer import P4Optimizer
 from p4opt.perturbation import MergeResult, Perturbation, ValidationReport
 from p4opt.registry import perturbation_of, perturbations, register, unregister
@@ -19,6 +19,7 @@ __all__ = [
     "MergeResult",
     "ValidationReport",
     "Invertible",
+    "Orthogonal",
     "P4Optimizer",
     "register",
     "unregister",

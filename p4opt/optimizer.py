@@ -45,9 +45,11 @@ class P4Optimizer(torch.optim.Optimizer):
     merge_every : int, optional
         Steps between merges for all perturbations. Left out, each uses its
         family's ``default_merge_every``.
-    reset_state : bool
+    reset_state : bool, optional
         Drop the wrapped optimizer's state of a perturbation's tensors after
-        it is reset (default). ``False`` keeps it (momentum carries over).
+        it is reset (``True``) or keep it (``False``, momentum carries over).
+        Left out, each family decides (``Perturbation.reset_optimizer_state``:
+        ``True`` unless the family documents a measured reason).
 
     Attributes
     ----------
@@ -78,7 +80,7 @@ class P4Optimizer(torch.optim.Optimizer):
         optimizer: torch.optim.Optimizer,
         merge_every: int | None = None,
         *,
-        reset_state: bool = True,
+        reset_state: bool | None = None,
     ) -> None:
         if isinstance(optimizer, P4Optimizer):
             raise TypeError("optimizer is already a P4Optimizer; wrap the plain optimizer once")
@@ -89,7 +91,7 @@ class P4Optimizer(torch.optim.Optimizer):
             )
         self.optimizer = optimizer
         self.merge_every = _check_interval(merge_every)
-        self.reset_state = bool(reset_state)
+        self.reset_state = None if reset_state is None else bool(reset_state)
         self._counters = {"steps": 0, "merges_accepted": 0, "merges_rejected": 0, "corrections": 0}
         self.last_results: list[tuple[str, MergeResult]] = []
         self.perturbations = self._discover()
@@ -160,6 +162,10 @@ class P4Optimizer(torch.optim.Optimizer):
         """Steps between merges of ``pert`` under this optimizer."""
         return self.merge_every or pert.default_merge_every
 
+    def resets_state(self, pert: Perturbation) -> bool:
+        """Whether a reset of ``pert`` drops its tensors' state in the wrapped optimizer."""
+        return pert.reset_optimizer_state if self.reset_state is None else self.reset_state
+
     # ------------------------------------------------------------------ steps
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
         """One step of the wrapped optimizer, then the merges that are due."""
@@ -184,7 +190,7 @@ class P4Optimizer(torch.optim.Optimizer):
             key = "merges_accepted" if result.accepted else "merges_rejected"
             self._counters[key] += 1
             self._counters["corrections"] += int(result.corrected)
-            if result.reset and self.reset_state:
+            if result.reset and self.resets_state(pert):
                 for tensor in pert.trainable():
                     self.optimizer.state.pop(tensor, None)
             results.append((pert.where, result))
@@ -229,6 +235,6 @@ class P4Optimizer(torch.optim.Optimizer):
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self._counters = {k: int(v) for k, v in own["counters"].items()}
         self.merge_every = _check_interval(own["merge_every"])
-        self.reset_state = bool(own["reset_state"])
+        self.reset_state = None if own["reset_state"] is None else bool(own["reset_state"])
         for pert, gen_state in zip(self.perturbations, generators, strict=True):
             pert.generator.set_state(gen_state)

@@ -127,6 +127,9 @@ class Perturbation(nn.Module, abc.ABC):
     """
 
     default_merge_every: ClassVar[int] = 10
+    #: Whether :class:`~p4opt.P4Optimizer` (``reset_state`` left out) drops the wrapped
+    #: optimizer's state of the trainable tensors after a reset.
+    reset_optimizer_state: ClassVar[bool] = True
     #: Buffers that keep their dtype under ``module.float()``/``.half()`` (bookkeeping precision);
     #: they still follow device moves.
     precise_buffers: ClassVar[tuple[str, ...]] = ()
