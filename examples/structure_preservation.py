@@ -176,7 +176,9 @@ def learn_physics(
             mass0 = u0.abs().sum()
             results[name] = {
                 "conservation": ((states_t.sum(-1) - u0.sum()).abs() / mass0).tolist(),
-                "rollout_error": ((states_t - truth_t).norm(dim=-1) / truth_t.norm(dim=-1)).tolist(),
+                "rollout_error": (
+                    (states_t - truth_t).norm(dim=-1) / truth_t.norm(dim=-1)
+                ).tolist(),
                 "one_step_error": float((model.weight - step).norm() / step.norm()),
             }
     return results
