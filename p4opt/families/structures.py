@@ -258,7 +258,7 @@ class Circulant(LinearStructure):
     >>> import torch, p4opt
     >>> lin = torch.nn.Linear(5, 5, bias=False, dtype=torch.float64)
     >>> pert = p4opt.register(lin, "weight", p4opt.Circulant(total=1.0))
-    >>> w = lin.weight
+    >>> w = lin.weight.detach()
     >>> pert.z.numel(), torch.equal(w.roll((1, 1), (0, 1)), w), round(float(w[:, 0].sum()), 12)
     (4, True, 1.0)
     """
