@@ -1,5 +1,6 @@
 """p4opt: train constrained weights through property-preserving parameter perturbations (P⁴)."""
 
+from p4opt import checks
 from p4opt.exceptions import (
     NotRegisteredError,
     P4Error,
@@ -7,7 +8,15 @@ from p4opt.exceptions import (
     ShapeError,
     SingularMatrixError,
 )
-from p4opt.families import Invertible, Orthogonal
+from p4opt.families import (
+    Circulant,
+    Fixed,
+    Invertible,
+    LinearStructure,
+    Orthogonal,
+    Symmetric,
+    ZeroSum,
+)
 from p4opt.optimizer import P4Optimizer
 from p4opt.perturbation import MergeResult, Perturbation, ValidationReport
 from p4opt.registry import perturbation_of, perturbations, register, unregister
@@ -20,6 +29,12 @@ __all__ = [
     "ValidationReport",
     "Invertible",
     "Orthogonal",
+    "LinearStructure",
+    "Symmetric",
+    "ZeroSum",
+    "Circulant",
+    "Fixed",
+    "checks",
     "P4Optimizer",
     "register",
     "unregister",

@@ -93,8 +93,12 @@ def test_rejected_merge_leaves_everything_bit_for_bit():
     snapshot = {k: v.clone() for k, v in lin.state_dict().items() if isinstance(v, torch.Tensor)}
     result = pert.merge()
     assert not result.accepted and "outside bounds" in result.reason
-    for key in ("parametrizations.weight.original", "parametrizations.weight.0.inv",
-                "parametrizations.weight.0.logabsdet_base", "parametrizations.weight.0.sign_base"):
+    for key in (
+        "parametrizations.weight.original",
+        "parametrizations.weight.0.inv",
+        "parametrizations.weight.0.logabsdet_base",
+        "parametrizations.weight.0.sign_base",
+    ):
         assert torch.equal(lin.state_dict()[key], snapshot[key]), key
     assert torch.count_nonzero(pert.U) == 0  # on_reject="reset" drops the update
 
@@ -155,7 +159,9 @@ def test_model_float_keeps_float64_bookkeeping_and_apply_works():
     model.apply(lambda m: calls.append(type(m).__name__))  # nn.Module.apply still works
     assert "Invertible" in calls and "ParametrizedLinear" in calls
     clone = copy.deepcopy(model)
-    assert p4opt.perturbation_of(clone[0], "weight").base is clone[0].parametrizations.weight.original
+    assert (
+        p4opt.perturbation_of(clone[0], "weight").base is clone[0].parametrizations.weight.original
+    )
 
 
 def test_registration_errors_name_the_parameter():

@@ -13,7 +13,9 @@ from p4opt import linalg
 
 def _factors(n: int, k: int, batch=(), scale: float = 0.3, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(2, *batch, n, k, generator=g, dtype=torch.float64) / n**0.5).unbind(0)
+    return (scale * torch.randn(2, *batch, n, k, generator=g, dtype=torch.float64) / n**0.5).unbind(
+        0
+    )
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -103,6 +105,7 @@ def test_low_rank_merge_rejects_overflow_in_storage_dtype():
     a = torch.eye(2, dtype=torch.float64)
     u = torch.tensor([[1e39], [0.0]], dtype=torch.float64)
     v = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
-    out = linalg.low_rank_merge(a, a, torch.tensor(1.0), torch.tensor(0.0), u, v,
-                                out_dtype=torch.float32)
+    out = linalg.low_rank_merge(
+        a, a, torch.tensor(1.0), torch.tensor(0.0), u, v, out_dtype=torch.float32
+    )
     assert int(out.code) == 5 and torch.equal(out.matrix, a)

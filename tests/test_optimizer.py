@@ -32,7 +32,9 @@ class TwoBranch(torch.nn.Module):
     def loss(self, step: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(1000 + step)
         x = torch.randn(2, 16, self.inv.in_features, generator=g, dtype=torch.float64)
-        return (self.inv(x[0]) - 2 * x[0]).square().mean() + (self.plain(x[1]) + x[1]).square().mean()
+        return (self.inv(x[0]) - 2 * x[0]).square().mean() + (
+            self.plain(x[1]) + x[1]
+        ).square().mean()
 
 
 def _registered(seed=0, **kw):
@@ -61,7 +63,9 @@ def test_unregistered_parameters_follow_the_plain_optimizer_exactly(name):
         assert torch.equal(p_a, p_b)
         state_a, state_b = wrapped.state[p_a], plain.state[p_b]
         assert state_a.keys() == state_b.keys()
-        assert all(torch.equal(torch.as_tensor(state_a[k]), torch.as_tensor(state_b[k])) for k in state_a)
+        assert all(
+            torch.equal(torch.as_tensor(state_a[k]), torch.as_tensor(state_b[k])) for k in state_a
+        )
 
 
 def test_merge_resets_state_of_merged_tensors_only():
@@ -70,7 +74,7 @@ def test_merge_resets_state_of_merged_tensors_only():
     other_pert = p4opt.register(other, "weight", p4opt.Invertible(seed=3))
     other_pert.default_merge_every = 1000
     params = list(model.parameters()) + list(other.parameters())
-    opt = p4opt.P4Optimizer(torch.optim.Adam(params, lr=1e-3))
+    opt = p4opt.P4Optimizer(torch.optim.Adam(params, lr=1e-3), reset_state=True)
     assert opt.interval(pert) == p4opt.Invertible.default_merge_every == 10
     for step in range(10):
         (model.loss(step) + other(torch.ones(6, dtype=torch.float64)).sum()).backward()
@@ -82,12 +86,19 @@ def test_merge_resets_state_of_merged_tensors_only():
     assert int(opt.state[model.plain.weight]["step"]) == 10
 
 
-def test_reset_state_false_keeps_moments():
+def test_invertible_keeps_moments_by_default_but_drops_them_after_nan():
     model, pert = _registered()
-    opt = p4opt.P4Optimizer(torch.optim.Adam(model.parameters(), lr=1e-3), merge_every=2,
-                            reset_state=False)
+    opt = p4opt.P4Optimizer(torch.optim.Adam(model.parameters(), lr=1e-3), merge_every=2)
     _train(model, opt, 2)
+    assert opt.stats["merges_accepted"] == 1
     assert int(opt.state[pert.U]["step"]) == 2
+    model.loss(2).mul(float("nan")).backward()
+    opt.step()
+    opt.zero_grad()
+    model.loss(3).backward()
+    opt.step()  # merge of a NaN update: rejected, state dropped
+    assert opt.stats["merges_rejected"] == 1
+    assert pert.U not in opt.state and pert.validate().ok
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
@@ -111,7 +122,9 @@ def test_mid_cycle_checkpoint_resumes_exactly(name):
     _train(resumed, opt_resumed, 8, start=7)
 
     assert opt_resumed.stats == opt_ref.stats
-    for (key, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
+    for (key, a), b in zip(
+        reference.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b), key
 
@@ -128,8 +141,9 @@ def test_lr_scheduler_closure_and_zero_grad():
     assert opt.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
     assert pert.U.grad is not None and torch.count_nonzero(pert.U.grad) == 0
 
-    lbfgs = p4opt.P4Optimizer(torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5),
-                              merge_every=1)
+    lbfgs = p4opt.P4Optimizer(
+        torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5), merge_every=1
+    )
 
     def closure():
         lbfgs.zero_grad()
@@ -137,10 +151,10 @@ def test_lr_scheduler_closure_and_zero_grad():
         loss.backward()
         return loss
 
-    first = float(model.loss(0))
+    first = float(model.loss(0).detach())
     for _ in range(3):
         lbfgs.step(closure)
-    assert float(model.loss(0)) < first
+    assert float(model.loss(0).detach()) < first
     assert lbfgs.stats["merges_accepted"] == 3
     assert pert.validate().ok
 
@@ -186,20 +200,22 @@ def test_warns_when_optimizer_was_built_before_register():
 def test_regression_with_invertible_weight_converges():
     n = 16
     g = torch.Generator().manual_seed(0)
-    target = random_invertible(n, seed=11) + 0.5 * torch.randn(n, n, generator=g, dtype=torch.float64)
+    target = random_invertible(n, seed=11) + 0.5 * torch.randn(
+        n, n, generator=g, dtype=torch.float64
+    )
     x = torch.randn(256, n, generator=g, dtype=torch.float64)
     y = x @ target.mT
     lin = torch.nn.Linear(n, n, bias=False, dtype=torch.float64)
     with torch.no_grad():
         lin.weight.copy_(torch.eye(n, dtype=torch.float64))
-    pert = p4opt.register(lin, "weight", p4opt.Invertible(rank=2, seed=0))
+    pert = p4opt.register(lin, "weight", p4opt.Invertible(rank=4, seed=0))
     opt = p4opt.P4Optimizer(torch.optim.Adam(lin.parameters(), lr=3e-2), merge_every=10)
-    initial = float((lin(x) - y).square().mean())
-    for _ in range(1500):
+    initial = float((lin(x) - y).square().mean().detach())
+    for _ in range(1000):
         loss = (lin(x) - y).square().mean()
         loss.backward()
         opt.step()
         opt.zero_grad()
-    final = float((lin(x) - y).square().mean())
-    assert final < 1e-4 * initial, (initial, final, opt.stats)
+    final = float((lin(x) - y).square().mean().detach())
+    assert final < 1e-6 * initial, (initial, final, opt.stats)
     assert pert.validate().ok
