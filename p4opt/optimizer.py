@@ -190,7 +190,7 @@ class P4Optimizer(torch.optim.Optimizer):
             key = "merges_accepted" if result.accepted else "merges_rejected"
             self._counters[key] += 1
             self._counters["corrections"] += int(result.corrected)
-            if result.reset and self.resets_state(pert):
+            if result.state_invalid or (result.reset and self.resets_state(pert)):
                 for tensor in pert.trainable():
                     self.optimizer.state.pop(tensor, None)
             results.append((pert.where, result))

@@ -50,6 +50,10 @@ class MergeResult:
         :class:`~p4opt.P4Optimizer` (if configured).
     corrected : bool
         Whether a periodic numerical correction ran after this merge.
+    state_invalid : bool
+        The update was non-finite or overflowed, so the optimizer state of
+        the trainable tensors is unusable: :class:`~p4opt.P4Optimizer` always
+        drops it, whatever its ``reset_state``.
     figures : Mapping[str, float]
         Numbers behind the decision (e.g. the update's log-determinant).
     """
@@ -58,6 +62,7 @@ class MergeResult:
     reason: str = "ok"
     reset: bool = True
     corrected: bool = False
+    state_invalid: bool = False
     figures: Mapping[str, float] = field(default_factory=dict)
 
 

@@ -168,7 +168,7 @@ def test_gradcheck_householder_and_givens():
         perturb(pert, torch.Generator().manual_seed(9))
         (param,) = pert.trainable()
 
-        def weight(p, pert=pert):
+        def weight(p, pert=pert, method=method):
             if method == "householder":
                 return lo.householder_apply(pert.base, p)
             return lo.givens_apply(pert.base, p, pert.pairing)

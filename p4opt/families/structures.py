@@ -9,36 +9,10 @@ import torch
 
 from p4opt._typing import Tensor
 from p4opt.exceptions import ShapeError, describe
-from p4opt.families.linear import AffineSpace, LinearStructure
+from p4opt.families.affine import AffineSpace, sum_complement
+from p4opt.families.linear import LinearStructure
 
-__all__ = ["Symmetric", "ZeroSum", "Circulant", "Fixed", "sum_complement"]
-
-
-def sum_complement(z: Tensor) -> Tensor:
-    r"""Map ``z[..., m-1]`` to ``[..., m]`` through an orthonormal basis of :math:`\mathbf 1^\perp`.
-
-    The basis is the first :math:`m-1` columns of the Householder reflection
-    :math:`H` that swaps :math:`e_m` and :math:`\mathbf 1/\sqrt m`, so
-
-    .. math:: (Hz)_i = z_i - \frac{s}{m - \sqrt m}\ (i < m), \qquad
-              (Hz)_m = \frac{s}{\sqrt m}, \qquad s = \textstyle\sum_i z_i .
-
-    The output sums to zero and has the norm of ``z``. Cost :math:`O(m)` per row.
-
-    Examples
-    --------
-    >>> import torch
-    >>> z = torch.randn(4, 5, dtype=torch.float64)
-    >>> y = sum_complement(z)
-    >>> y.shape, bool(y.sum(-1).abs().max() < 1e-12)
-    (torch.Size([4, 6]), True)
-    >>> torch.allclose(y.norm(dim=-1), z.norm(dim=-1))
-    True
-    """
-    m = z.shape[-1] + 1
-    root = math.sqrt(m)
-    s = z.sum(-1, keepdim=True)
-    return torch.cat([z - s / (m - root), s / root], dim=-1)
+__all__ = ["Symmetric", "ZeroSum", "Circulant", "Fixed"]
 
 
 def _dim(value: Any, name: str) -> int:
@@ -196,7 +170,7 @@ class _FixedSpace(AffineSpace):
 
 
 class Symmetric(LinearStructure):
-    r"""Symmetric matrices :math:`\theta = \theta^T` (over the pair ``dims``; other dims batch).
+    r"""Symmetric weights :math:`\theta = \theta^T` over the pair ``dims`` (other dims batch).
 
     ``z`` holds the upper triangles (diagonal as is, off-diagonal scaled by
     :math:`1/\sqrt2` so the basis is orthonormal). Cost per step and per
@@ -205,8 +179,10 @@ class Symmetric(LinearStructure):
     Parameters
     ----------
     dims : (int, int)
-        The two dimensions that must be interchangeable (default the last two;
-        ``(0, 1)`` makes every tap of a ``Conv1d`` weight ``(c, c, k)`` symmetric).
+        The two dimensions that must be interchangeable. The default ``(0, 1)``
+        is the (out, in) pair of ``nn.Linear`` and ``nn.ConvNd`` weights (every
+        tap of a ``Conv1d`` weight ``(c, c, k)`` becomes symmetric); use
+        ``(-2, -1)`` for a stack of matrices ``(*, n, n)``.
 
     Examples
     --------
@@ -217,7 +193,7 @@ class Symmetric(LinearStructure):
     (10, True)
     """
 
-    def __init__(self, dims: tuple[int, int] = (-2, -1), *, seed: int | None = None) -> None:
+    def __init__(self, dims: tuple[int, int] = (0, 1), *, seed: int | None = None) -> None:
         super().__init__(seed=seed)
         if not isinstance(dims, tuple | list) or len(dims) != 2:
             raise TypeError(f"dims must be a pair of ints, got {dims!r}")
@@ -282,7 +258,7 @@ class Circulant(LinearStructure):
     >>> import torch, p4opt
     >>> lin = torch.nn.Linear(5, 5, bias=False, dtype=torch.float64)
     >>> pert = p4opt.register(lin, "weight", p4opt.Circulant(total=1.0))
-    >>> w = lin.weight
+    >>> w = lin.weight.detach()
     >>> pert.z.numel(), torch.equal(w.roll((1, 1), (0, 1)), w), round(float(w[:, 0].sum()), 12)
     (4, True, 1.0)
     """

@@ -1,0 +1,229 @@
+"""P⁴Inv: bookkeeping exactness, merge invariance, stabilization and input checks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import random_invertible
+
+import p4opt
+from p4opt.exceptions import RegistrationError, ShapeError, SingularMatrixError
+
+
+def _layer(n=8, dtype=torch.float64, rank=1, seed=0, **kw):
+    lin = torch.nn.Linear(n, n, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(random_invertible(n, dtype=dtype, seed=seed))
+    pert = p4opt.register(lin, "weight", p4opt.Invertible(rank=rank, seed=seed, **kw))
+    return lin, pert
+
+
+def _perturb(pert, scale=0.05, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        pert.U.copy_(scale * torch.randn(pert.U.shape, generator=g, dtype=torch.float64))
+        pert.V.copy_(torch.randn(pert.V.shape, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_queries_match_dense_linear_algebra(rank):
+    lin, pert = _layer(rank=rank)
+    _perturb(pert)
+    w = lin.weight.detach()
+    sign, lad = torch.linalg.slogdet(w)
+    assert abs(pert.logabsdet() - lad) < 1e-12 and pert.sign() == sign
+    assert (pert.inverse() - torch.linalg.inv(w)).abs().max() < 1e-12
+    y = torch.randn(5, 8, dtype=torch.float64)
+    assert (lin.weight @ pert.solve(y).mT - y.mT).abs().max() < 1e-12
+
+
+def test_merge_leaves_outputs_and_logdet_unchanged():
+    lin, pert = _layer(rank=2)
+    _perturb(pert)
+    x = torch.randn(16, 8, dtype=torch.float64)
+    y_before, lad_before = lin(x).detach(), pert.logabsdet().detach()
+    result = pert.merge()
+    assert result.accepted and result.reset
+    assert torch.count_nonzero(pert.U) == 0
+    assert (lin(x) - y_before).abs().max() < 1e-13
+    assert abs(pert.logabsdet() - lad_before) < 1e-12
+    assert pert.validate().ok
+
+
+def test_float32_layer_stays_exact_over_thousands_of_merges():
+    n = 16
+    lin, pert = _layer(n, dtype=torch.float32, rank=2, correct_every=50)
+    g = torch.Generator().manual_seed(3)
+    accepted = 0
+    for _ in range(2000):
+        with torch.no_grad():
+            pert.U.copy_(0.02 * torch.randn(n, 2, generator=g))
+        accepted += pert.merge().accepted
+    assert accepted >= 1800  # the random walk drifts towards ill-conditioned updates
+    report = pert.validate()
+    assert report.figures["inverse_error"] < 1e-10, report
+    assert report.figures["logabsdet_error"] < 1e-10, report
+    # against the float32 weight the layer actually uses: float32 rounding only
+    w = lin.weight.detach().double()
+    assert (w @ pert.inverse() - torch.eye(n, dtype=torch.float64)).abs().max() < 1e-5
+    assert abs(pert.logabsdet() - torch.linalg.slogdet(w)[1]) < 1e-5
+    assert pert.inv.dtype == torch.float64 and pert.precise_base.dtype == torch.float64
+
+
+def test_gradcheck_weight_logabsdet_inverse_and_solve():
+    lin, pert = _layer(5, rank=2)
+    _perturb(pert, scale=0.1)
+    params = (pert.U, pert.V)  # gradcheck perturbs these very tensors in place
+    y = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda u, v: lin.weight, params)
+    assert torch.autograd.gradcheck(lambda u, v: pert.logabsdet(), params)
+    assert torch.autograd.gradcheck(lambda u, v: pert.inverse(), params)
+    assert torch.autograd.gradcheck(lambda u, v, y: pert.solve(y), (*params, y))
+    # and they agree with differentiating the dense formulas
+    grads = torch.autograd.grad(pert.logabsdet(), params)
+    ref = torch.autograd.grad(torch.linalg.slogdet(lin.weight)[1], params)
+    assert all((a - b).abs().max() < 1e-10 for a, b in zip(grads, ref, strict=True))
+
+
+def test_rejected_merge_leaves_everything_bit_for_bit():
+    lin, pert = _layer(update_logdet_bounds=(-0.5, 0.5))
+    _perturb(pert, scale=2.0)  # a large update
+    snapshot = {k: v.clone() for k, v in lin.state_dict().items() if isinstance(v, torch.Tensor)}
+    result = pert.merge()
+    assert not result.accepted and "outside bounds" in result.reason
+    for key in (
+        "parametrizations.weight.original",
+        "parametrizations.weight.0.inv",
+        "parametrizations.weight.0.logabsdet_base",
+        "parametrizations.weight.0.sign_base",
+    ):
+        assert torch.equal(lin.state_dict()[key], snapshot[key]), key
+    assert torch.count_nonzero(pert.U) == 0  # on_reject="reset" drops the update
+
+
+def test_on_reject_keep_keeps_the_update():
+    lin, pert = _layer(update_logdet_bounds=(-0.5, 0.5), on_reject="keep")
+    _perturb(pert, scale=2.0)
+    u = pert.U.detach().clone()
+    assert not pert.merge().accepted
+    assert torch.equal(pert.U.detach(), u)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_gradients_never_reach_the_base(bad):
+    lin, pert = _layer()
+    opt = p4opt.P4Optimizer(torch.optim.SGD(lin.parameters(), lr=0.1), merge_every=2)
+    base = pert.base.detach().clone()
+    for step in range(4):
+        (lin(torch.randn(4, 8, dtype=torch.float64)).sum() * (bad if step == 1 else 1.0)).backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.isfinite(pert.base).all() and torch.isfinite(pert.inv).all()
+    assert opt.stats["merges_rejected"] == 1 and opt.stats["merges_accepted"] == 1
+    assert not torch.equal(pert.base, base)  # the clean merge went through
+    assert pert.validate().ok
+
+
+def test_stack_matches_per_matrix_results_and_rejects_elementwise():
+    stack = random_invertible(3, batch=(6,))
+    holder = torch.nn.Module()
+    holder.weight = torch.nn.Parameter(stack.clone())
+    pert = p4opt.register(holder, "weight", p4opt.Invertible(rank=1, seed=0))
+    assert pert.U.shape == (6, 3, 1)
+    _perturb(pert, scale=0.1)
+    with torch.no_grad():
+        pert.U[4] = float("nan")
+    w = holder.weight.detach()
+    sign, lad = torch.linalg.slogdet(w[[0, 1, 2, 3, 5]])
+    keep = [0, 1, 2, 3, 5]
+    assert (pert.logabsdet()[keep] - lad).abs().max() < 1e-12
+    y = torch.randn(2, 6, 3, dtype=torch.float64)
+    x = pert.solve(y)
+    assert (torch.einsum("lij,blj->bli", w[keep], x[:, keep]) - y[:, keep]).abs().max() < 1e-12
+    result = pert.merge()
+    assert not result.accepted and result.figures["rejected"] == 1
+    assert torch.equal(holder.parametrizations.weight.original[4], stack[4])
+    assert (holder.weight.detach()[keep] - w[keep]).abs().max() < 1e-13
+    assert pert.validate().ok
+
+
+def test_model_float_keeps_float64_bookkeeping_and_apply_works():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4, dtype=torch.float64))
+    pert = p4opt.register(model[0], "weight", p4opt.Invertible())
+    model.float()
+    assert model[0].weight.dtype == torch.float32
+    assert pert.inv.dtype == torch.float64 and pert.logabsdet_base.dtype == torch.float64
+    calls = []
+    model.apply(lambda m: calls.append(type(m).__name__))  # nn.Module.apply still works
+    assert "Invertible" in calls and "ParametrizedLinear" in calls
+    clone = copy.deepcopy(model)
+    assert (
+        p4opt.perturbation_of(clone[0], "weight").base is clone[0].parametrizations.weight.original
+    )
+
+
+def test_registration_errors_name_the_parameter():
+    with pytest.raises(ShapeError, match=r"Linear\.weight.*\(3, 5\)"):
+        p4opt.register(torch.nn.Linear(5, 3), "weight", p4opt.Invertible())
+    lin = torch.nn.Linear(4, 4)
+    with torch.no_grad():
+        lin.weight.zero_()
+    with pytest.raises(SingularMatrixError, match=r"Linear\.weight is singular"):
+        p4opt.register(lin, "weight", p4opt.Invertible())
+    with torch.no_grad():
+        lin.weight.copy_(torch.diag(torch.tensor([1.0, 1.0, 1.0, 1e-15])))
+    with pytest.raises(SingularMatrixError, match="numerically singular"):
+        p4opt.register(lin, "weight", p4opt.Invertible())
+    with pytest.raises(ValueError, match="rank"):
+        p4opt.Invertible(rank=0)
+    with pytest.raises(ValueError, match="exceeds"):
+        p4opt.register(torch.nn.Linear(2, 2), "weight", p4opt.Invertible(rank=3))
+    with pytest.raises(TypeError, match="dtype"):
+        p4opt.Invertible(dtype=torch.int64)
+    with pytest.raises(ValueError, match="low < high"):
+        p4opt.Invertible(update_logdet_bounds=(1.0, -1.0))
+
+
+def test_solve_checks_its_input():
+    _, pert = _layer()
+    with pytest.raises(ShapeError, match=r"\(\.\.\., 8\)"):
+        pert.solve(torch.randn(3, 7, dtype=torch.float64))
+    with pytest.raises(TypeError, match="floating"):
+        pert.solve(torch.ones(8, dtype=torch.long))
+
+
+def test_registry_contract():
+    lin, pert = _layer()
+    with pytest.raises(RegistrationError, match="already has"):
+        p4opt.register(lin, "weight", p4opt.Invertible())
+    with pytest.raises(RegistrationError, match="already registered"):
+        p4opt.register(torch.nn.Linear(8, 8), "weight", pert)
+    with pytest.raises(RegistrationError, match="must be an nn.Parameter"):
+        p4opt.register(lin, "nothing", p4opt.Invertible())
+    with pytest.raises(p4opt.NotRegisteredError, match=r"Linear\.bias"):
+        p4opt.perturbation_of(lin, "bias")
+    assert [name for name, _ in p4opt.perturbations(torch.nn.Sequential(lin))] == ["0.weight"]
+    _perturb(pert)
+    current = lin.weight.detach().clone()
+    param = p4opt.unregister(lin, "weight")
+    assert type(param) is torch.nn.Parameter and param.requires_grad
+    assert torch.equal(lin.weight, current)
+    assert not pert.is_registered
+
+
+def test_assigning_the_weight_reinitializes_bookkeeping():
+    lin, pert = _layer()
+    new = random_invertible(8, seed=5)
+    lin.weight = new
+    assert torch.equal(lin.weight.detach(), new)
+    assert (pert.inv - torch.linalg.inv(new)).abs().max() < 1e-12
+
+
+def test_penalty_is_zero_inside_and_grows_outside():
+    _, pert = _layer(update_logdet_bounds=(-1.0, 1.0))
+    assert pert.logdet_penalty() == 0
+    _perturb(pert, scale=1.0, seed=4)  # update log|det| ≈ 1.8
+    outside = pert.logdet_penalty()
+    assert outside > 0 and outside.requires_grad

@@ -1,0 +1,111 @@
+"""The pure kernels of p4opt.linalg against torch.linalg."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import random_invertible
+
+from p4opt import linalg
+
+
+def _factors(n: int, k: int, batch=(), scale: float = 0.3, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(2, *batch, n, k, generator=g, dtype=torch.float64) / n**0.5).unbind(
+        0
+    )
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("batch", [(), (4,)])
+def test_woodbury_inverse_matches_dense(k, batch):
+    a = random_invertible(12, batch=batch)
+    u, v = _factors(12, k, batch)
+    got = linalg.woodbury_inverse(torch.linalg.inv(a), u, v)
+    want = torch.linalg.inv(a + u @ v.mT)
+    assert (got - want).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_woodbury_solve_matches_dense(k):
+    a = random_invertible(10)
+    u, v = _factors(10, k)
+    y = torch.randn(3, 7, 10, dtype=torch.float64)
+    x = linalg.woodbury_solve(torch.linalg.inv(a), u, v, y)
+    want = torch.linalg.solve(a + u @ v.mT, y.unsqueeze(-1)).squeeze(-1)
+    assert x.shape == y.shape
+    assert (x - want).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("batch", [(), (5,)])
+def test_lemma_slogdet_matches_dense(batch):
+    a = random_invertible(9, batch=batch)
+    a[..., 0, :] *= -1  # negative determinant
+    u, v = _factors(9, 2, batch, scale=3.0)
+    sign0, lad0 = torch.linalg.slogdet(a)
+    sign, lad = linalg.lemma_slogdet(torch.linalg.inv(a), u, v, sign0, lad0)
+    ref_sign, ref_lad = torch.linalg.slogdet(a + u @ v.mT)
+    assert torch.equal(sign, ref_sign)
+    assert (lad - ref_lad).abs().max() < 1e-12
+
+
+def test_newton_schulz_squares_the_residual():
+    a = random_invertible(16)
+    x = torch.linalg.inv(a) + 1e-4 * torch.randn(16, 16, dtype=torch.float64)
+    before = linalg.inverse_residual(a, x)
+    after = linalg.inverse_residual(a, linalg.newton_schulz_step(a, x))
+    # I - A X_new = R², so the new residual equals the square of the old one
+    assert (after - before @ before).abs().max() < 1e-14
+    assert after.abs().max() < 1e-3 * before.abs().max()
+
+
+@pytest.mark.parametrize("order", [2, 3, 5])
+def test_hyperpower_residual_is_power_of_order(order):
+    a = random_invertible(8)
+    x = torch.linalg.inv(a) + 1e-2 * torch.randn(8, 8, dtype=torch.float64)
+    r = linalg.inverse_residual(a, x)
+    got = linalg.inverse_residual(a, linalg.hyperpower_step(a, x, order))
+    assert (got - torch.linalg.matrix_power(r, order)).abs().max() < 1e-13
+
+
+def test_hyperpower_rejects_bad_order():
+    with pytest.raises(ValueError, match="order"):
+        linalg.hyperpower_step(torch.eye(2), torch.eye(2), 1)
+
+
+def test_refine_inverse_recovers_from_garbage():
+    a = random_invertible(20)
+    x, res = linalg.refine_inverse(a, torch.full((20, 20), float("nan"), dtype=torch.float64))
+    assert res < 1e-13
+    assert (x - torch.linalg.inv(a)).abs().max() < 1e-12
+
+
+def test_low_rank_merge_accepts_and_rejects_elementwise():
+    a = random_invertible(6, batch=(3,))
+    inv = torch.linalg.inv(a)
+    sign, lad = torch.linalg.slogdet(a)
+    u, v = _factors(6, 1, (3,))
+    u = u.clone()
+    u[1] = float("nan")  # element 1: non-finite update
+    # element 2: nearly singular update: C = 1 + vᵀA⁻¹u ≈ e^-5
+    target = math.exp(-5) - 1
+    u[2] = (inv[2].inverse() @ v[2]) * target / float(v[2].mT @ v[2])
+    out = linalg.low_rank_merge(a, inv, sign, lad, u, v, update_bounds=(-2.0, 2.0))
+    assert out.code.tolist() == [0, 1, 3]
+    assert torch.equal(out.matrix[1:], a[1:]) and torch.equal(out.inv[1:], inv[1:])
+    assert torch.equal(out.logabsdet[1:], lad[1:])
+    merged = a[0] + u[0] @ v[0].mT
+    assert (out.inv[0] - torch.linalg.inv(merged)).abs().max() < 1e-12
+    assert abs(out.logabsdet[0] - torch.linalg.slogdet(merged)[1]) < 1e-12
+
+
+def test_low_rank_merge_rejects_overflow_in_storage_dtype():
+    a = torch.eye(2, dtype=torch.float64)
+    u = torch.tensor([[1e39], [0.0]], dtype=torch.float64)
+    v = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
+    out = linalg.low_rank_merge(
+        a, a, torch.tensor(1.0), torch.tensor(0.0), u, v, out_dtype=torch.float32
+    )
+    assert int(out.code) == 5 and torch.equal(out.matrix, a)
