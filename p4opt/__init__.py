@@ -1,5 +1,6 @@
 """p4opt: train constrained weights through property-preserving parameter perturbations (P⁴)."""
 
+from p4opt import datasets, nn
 from p4opt.exceptions import (
     NotRegisteredError,
     P4Error,
@@ -29,4 +30,6 @@ __all__ = [
     "NotRegisteredError",
     "ShapeError",
     "SingularMatrixError",
+    "nn",
+    "datasets",
 ]
