@@ -121,7 +121,7 @@ def save_figure(rows: list[dict], path: Path, res: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", default=",".join(D.NAMES), help="comma-separated names")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 600)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 1000)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 256)")
     parser.add_argument("--layers", type=int, default=200, help="P⁴Inv layers (paper: 200)")
     parser.add_argument("--lr", type=float, default=5e-3)
@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="paper-size: 10000 steps, batch 1000")
     parser.add_argument("--out", default="density_2d_out", help="output folder")
     args = parser.parse_args()
-    args.steps = args.steps or (10000 if args.full else 600)
+    args.steps = args.steps or (10000 if args.full else 1000)
     args.batch = args.batch or (1000 if args.full else 256)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -34,12 +34,13 @@ WITH_DENSITY = ["two_moons", "eight_gaussians", "checkerboard", "rings", "two_sp
 
 @pytest.mark.parametrize("name", WITH_DENSITY)
 def test_log_prob_integrates_to_one(name: str) -> None:
-    # cell centres on [-8, 8]^2; cells of 0.1 (spirals, smoothed at 0.1) or 0.04 (edges on cells)
-    res = 160 if name == "two_spirals" else 400
-    axis = (torch.arange(res, dtype=torch.float64) + 0.5) / res * 16 - 8
+    # midpoint rule on cell centres: cells of 0.12 for densities smoothed at >= 0.08 (error
+    # ~exp(-2 pi^2 sigma^2 / h^2)); the checkerboard's edges fall on cell boundaries
+    half, res = (8.0, 400) if name == "checkerboard" else (6.0, 100)
+    axis = (torch.arange(res, dtype=torch.float64) + 0.5) / res * 2 * half - half
     xx, yy = torch.meshgrid(axis, axis, indexing="xy")
     pts = torch.stack([xx.reshape(-1), yy.reshape(-1)], -1)
-    mass = float(D.log_prob(name, pts).exp().sum()) * (16 / res) ** 2
+    mass = float(D.log_prob(name, pts).exp().sum()) * (2 * half / res) ** 2
     assert abs(mass - 1) < 2e-3
 
 
