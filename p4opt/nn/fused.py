@@ -42,10 +42,12 @@ class _LinearBentChain(torch.autograd.Function):
         one = x.new_ones(n, batch)
         zs = states[:, :n].unbind(0)
         hs = states[:, n : 2 * n].unbind(0)
-        for i, (m, s) in enumerate(zip(mt.unbind(0), states.unbind(0)[:-1], strict=True)):
-            torch.mm(m, s, out=zs[i + 1])
-            if i < n_layers - 1:
-                torch.hypot(zs[i + 1], one, out=hs[i + 1])
+        mm, hypot = torch.mm, torch.hypot
+        ms, ss = mt.unbind(0), states.unbind(0)
+        for m, s, z, h in zip(ms[:-1], ss[:-2], zs[1:-1], hs[1:-1], strict=True):
+            mm(m, s, out=z)
+            hypot(z, one, out=h)
+        mm(ms[-1], ss[-2], out=zs[-1])
         z_all, h_all = states[1:-1, :n], states[1:-1, n : 2 * n]
         slope = torch.addcdiv(torch.ones_like(z_all), z_all, h_all, value=0.5)
         ladj = slope.log().sum(dim=(0, 1))
@@ -71,9 +73,13 @@ class _LinearBentChain(torch.autograd.Function):
         w_t = mt[:, :, :n].mT.contiguous().unbind(0)
         dz = grads.unbind(0)
         tmp = torch.empty_like(dz[0])
-        for i in range(n_layers - 1, 0, -1):
-            torch.mm(w_t[i], dz[i], out=tmp)
-            torch.addcmul(extra[i - 1], tmp, slope[i - 1], out=dz[i - 1])
+        mm, addcmul = torch.mm, torch.addcmul
+        for w, dz_out, dz_prev, e, sl in zip(
+            w_t[:0:-1], dz[:0:-1], dz[-2::-1], extra.unbind(0)[::-1], slope.unbind(0)[::-1],
+            strict=True,
+        ):
+            mm(w, dz_out, out=tmp)
+            addcmul(e, tmp, sl, out=dz_prev)
         grad_x = (w_t[0] @ dz[0]).mT
         grad_mt = grads @ states[:-1].mT
         return grad_x, grad_mt
