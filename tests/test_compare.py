@@ -86,8 +86,12 @@ def test_train_reaches_target_and_pick_best_prefers_fewest_steps() -> None:
     assert run.constraint["logdet_error"] <= 1e-9
     slow = Run("a", 1.0, [1.0, 0.5], [0, 1], steps_to_target=None)
     fast = Run("b", 2.0, [1.0, 1e-9], [0, 1], steps_to_target=1)
-    assert pick_best([slow, fast]) is fast
-    assert pick_best([slow, Run("c", 3.0, [1.0, float("nan")], [0, 1])]) is slow
+    bounced = Run("d", 4.0, [1.0, 1e-9, 1e-3], [0, 1, 2], steps_to_target=1)
+    steady = Run("e", 5.0, [1.0, 1e-2, 1e-9], [0, 1, 2], steps_to_target=2)
+    assert pick_best([slow, fast], 1e-4) is fast
+    assert pick_best([bounced, steady], 1e-4) is steady
+    assert pick_best([slow, bounced], 1e-4) is bounced
+    assert pick_best([slow, Run("c", 3.0, [1.0, float("nan")], [0, 1])], 1e-4) is slow
 
 
 def test_step_costs_reports_reference_and_methods() -> None:
