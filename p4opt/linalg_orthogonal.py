@@ -174,7 +174,9 @@ def householder_wy(w: Tensor) -> Tensor:
             [-1.,  0.]], dtype=torch.float64)
     """
     gram = w.mT @ w
-    s = gram.triu(1) + torch.diag_embed(gram.diagonal(dim1=-2, dim2=-1) / 2)
+    idx = torch.arange(gram.shape[-1], device=w.device)
+    # an index mask instead of ``triu``, whose threaded kernel stalls on tiny inputs
+    s = torch.where(idx[:, None] < idx, gram, 0) + torch.diag_embed(gram.diagonal(0, -2, -1) / 2)
     return torch.linalg.solve_triangular(s, _eye_like(s), upper=True)
 
 

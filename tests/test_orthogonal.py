@@ -1,0 +1,271 @@
+"""Tests of the orthogonal family and its kernels (p4opt.Orthogonal, p4opt.linalg_orthogonal)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import p4opt
+from p4opt import linalg_orthogonal as lo
+
+F64 = torch.float64
+
+
+def random_orthogonal(n: int, seed: int, dtype: torch.dtype = F64, special: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))[0]
+    if special and torch.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q.to(dtype)
+
+
+def make_layer(n: int, dtype: torch.dtype = F64, seed: int = 0, **kwargs):
+    lin = torch.nn.Linear(n, n, bias=False, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(random_orthogonal(n, seed, dtype))
+    pert = p4opt.register(lin, "weight", p4opt.Orthogonal(seed=seed, **kwargs))
+    return lin, pert
+
+
+def perturb(pert: p4opt.Orthogonal, gen: torch.Generator, scale: float = 0.3) -> None:
+    with torch.no_grad():
+        for p in pert.trainable():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=F64).to(p.dtype))
+
+
+# ------------------------------------------------------------------ kernels
+def test_householder_wy_matches_explicit_product():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(7, 5, generator=g, dtype=F64)
+    dense = torch.eye(7, dtype=F64)
+    for c in w.mT:
+        dense = dense @ (torch.eye(7, dtype=F64) - 2 * torch.outer(c, c) / c.dot(c))
+    got = lo.householder_apply(torch.eye(7, dtype=F64), w)
+    assert (got - dense).abs().max() < 1e-14
+    x = torch.randn(3, 4, 7, generator=g, dtype=F64)
+    assert (lo.householder_apply(x, w) - x @ dense).abs().max() < 1e-13
+
+
+@pytest.mark.parametrize("n", [8, 9, 16, 33])
+def test_invert_permutation_is_argsort_not_square(n):
+    g = torch.Generator().manual_seed(n)
+    for _ in range(20):
+        perm = torch.randperm(n, generator=g)
+        inv = lo.invert_permutation(perm)
+        assert torch.equal(perm[inv], torch.arange(n))
+        assert torch.equal(inv[perm], torch.arange(n))
+    # a permutation that is not an involution: applying it twice is not its inverse
+    perm = torch.roll(torch.arange(n), 1)
+    assert not torch.equal(perm[perm], lo.invert_permutation(perm))
+
+
+@pytest.mark.parametrize("n", [8, 11])
+def test_givens_matches_dense_rotations(n):
+    g = torch.Generator().manual_seed(n)
+    for _ in range(10):
+        perm = torch.randperm(n, generator=g)
+        angles = torch.randn(n // 2, generator=g, dtype=F64)
+        dense = torch.eye(n, dtype=F64)
+        for i, t in enumerate(angles):
+            a, b = int(perm[2 * i]), int(perm[2 * i + 1])
+            dense[a, a], dense[a, b] = torch.cos(t), -torch.sin(t)
+            dense[b, a], dense[b, b] = torch.sin(t), torch.cos(t)
+        x = torch.randn(5, n, generator=g, dtype=F64)
+        assert (lo.givens_apply(x, angles, perm) - x @ dense).abs().max() < 1e-14
+    zero = torch.zeros(n // 2, dtype=F64)
+    assert torch.equal(lo.givens_apply(x, zero, perm), x)
+
+
+def test_polar_factor_and_refinement():
+    a = torch.randn(9, 9, generator=torch.Generator().manual_seed(2), dtype=F64)
+    u, s, vh = torch.linalg.svd(a)
+    q = lo.polar_factor(a)
+    assert (q - u @ vh).abs().max() < 1e-12
+    qs = lo.polar_factor(a, special=True)
+    assert torch.linalg.det(qs) > 0 and float(lo.orthogonality_error(qs)) < 1e-13
+    # SO(n) nearest: at most the smallest singular direction differs from the O(n) answer
+    if torch.linalg.det(q) < 0:
+        assert torch.linalg.matrix_rank(qs - q) == 1
+    noisy = random_orthogonal(9, 3) + 1e-5 * a
+    fixed, err = lo.refine_orthogonal(noisy)
+    assert err < 1e-14 and float(lo.orthogonality_error(fixed)) == pytest.approx(err)
+    assert float((fixed - lo.polar_factor(noisy)).abs().max()) < 1e-12
+
+
+# --------------------------------------------------------------- the family
+@pytest.mark.parametrize("method", ["householder", "givens"])
+def test_merge_keeps_outputs_and_orthogonality(method):
+    lin, pert = make_layer(12, method=method)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 12, dtype=F64, generator=g)
+    for _ in range(5):
+        perturb(pert, g)
+        before = lin(x)
+        assert pert.merge().accepted
+        assert (lin(x) - before).abs().max() < 1e-13
+        assert pert.validate().ok
+
+
+@pytest.mark.parametrize(
+    ("method", "dtype", "tol", "merges"),
+    [("householder", F64, 1e-10, 2000), ("householder", torch.float32, 1e-5, 2000),
+     ("givens", F64, 1e-10, 2000), ("givens", torch.float32, 1e-5, 2000)],
+)
+def test_orthogonality_after_many_merges(method, dtype, tol, merges):
+    kwargs = {"rank": 4} if method == "householder" else {}
+    lin, pert = make_layer(8, dtype=dtype, method=method, **kwargs)
+    g = torch.Generator().manual_seed(6)
+    for _ in range(merges):
+        perturb(pert, g, scale=1.0)
+        assert pert.merge().accepted
+    err = float(lo.orthogonality_error(lin.weight.detach().to(F64)))
+    assert err <= tol
+    assert torch.linalg.det(lin.weight.detach().to(F64)) > 0
+    report = pert.validate()
+    assert report.ok and report.figures["det_sign"] == 1.0
+
+
+def test_registration_projects_to_nearest_special_orthogonal():
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(6, 6, generator=g, dtype=F64)
+    a[0] = -a[0] if torch.linalg.det(a) > 0 else a[0]  # det < 0
+    lin = torch.nn.Linear(6, 6, bias=False, dtype=F64)
+    with torch.no_grad():
+        lin.weight.copy_(a)
+    p4opt.register(lin, "weight", p4opt.Orthogonal(seed=0))
+    w = lin.weight.detach()
+    assert torch.linalg.det(w) > 0 and float(lo.orthogonality_error(w)) < 1e-13
+    assert (w - lo.polar_factor(a, special=True)).abs().max() < 1e-12
+    lin_o = torch.nn.Linear(6, 6, bias=False, dtype=F64)
+    with torch.no_grad():
+        lin_o.weight.copy_(a)
+    p4opt.register(lin_o, "weight", p4opt.Orthogonal(group="O", seed=0))
+    assert torch.linalg.det(lin_o.weight) < 0  # O(n) keeps the component
+    q = random_orthogonal(6, 8)
+    lin_q = torch.nn.Linear(6, 6, bias=False, dtype=F64)
+    with torch.no_grad():
+        lin_q.weight.copy_(q)
+    p4opt.register(lin_q, "weight", p4opt.Orthogonal(seed=0))
+    assert torch.equal(p4opt.perturbation_of(lin_q, "weight").base, q)  # orthogonal: kept as is
+
+
+def test_non_finite_update_is_rejected_bit_for_bit():
+    lin, pert = make_layer(6)
+    before = pert.base.clone()
+    with torch.no_grad():
+        pert.vectors[0, 0] = float("nan")
+    result = pert.merge()
+    assert not result.accepted and result.reset
+    assert torch.equal(pert.base, before)
+    assert torch.isfinite(lin.weight).all()
+
+
+def test_gradcheck_householder_and_givens():
+    for method in ("householder", "givens"):
+        lin, pert = make_layer(5, method=method, **({"rank": 4} if method == "householder" else {}))
+        perturb(pert, torch.Generator().manual_seed(9))
+        (param,) = pert.trainable()
+
+        def weight(p, pert=pert, method=method):
+            if method == "householder":
+                return lo.householder_apply(pert.base, p)
+            return lo.givens_apply(pert.base, p, pert.pairing)
+
+        assert torch.autograd.gradcheck(weight, (param.detach().clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [({"method": "qr"}, ValueError), ({"rank": 3}, ValueError), ({"rank": 0}, ValueError),
+     ({"method": "givens", "rank": 4}, ValueError), ({"group": "U"}, ValueError),
+     ({"correct_every": 0}, ValueError)],
+)
+def test_bad_arguments_raise(kwargs, error):
+    with pytest.raises(error):
+        p4opt.Orthogonal(**kwargs)
+
+
+def test_bad_tensors_raise():
+    with pytest.raises(p4opt.ShapeError, match="square"):
+        p4opt.register(torch.nn.Linear(4, 3), "weight", p4opt.Orthogonal())
+    with pytest.raises(ValueError, match="rank 20 exceeds"):
+        p4opt.register(torch.nn.Linear(4, 4), "weight", p4opt.Orthogonal(rank=20))
+
+
+def test_state_dict_round_trip_and_device_move():
+    lin, pert = make_layer(10, method="givens")
+    pert.merge()
+    sd = copy.deepcopy(lin.state_dict())
+    assert "parametrizations.weight.0.pairing" in sd
+    lin2, pert2 = make_layer(10, method="givens", seed=1)
+    lin2.load_state_dict(sd)
+    assert torch.equal(pert2.pairing, pert.pairing)
+    assert torch.equal(lin2.weight, lin.weight)
+    lin2.to("cpu")
+    assert torch.equal(pert2.pairing, pert.pairing)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+@pytest.mark.parametrize("method", ["householder", "givens"])
+def test_exact_resume_mid_cycle(opt_name, method):
+    n = 8
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(32, n, generator=g, dtype=F64)
+    y = x @ random_orthogonal(n, 12).mT
+
+    def build():
+        lin, _ = make_layer(n, method=method)
+        inner = (torch.optim.SGD(lin.parameters(), lr=0.01, momentum=0.9) if opt_name == "sgd"
+                 else torch.optim.Adam(lin.parameters(), lr=0.05))
+        return lin, p4opt.P4Optimizer(inner, merge_every=4)
+
+    def train(lin, opt, steps):
+        for _ in range(steps):
+            (lin(x) - y).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+
+    lin_a, opt_a = build()
+    train(lin_a, opt_a, 7)  # mid-cycle
+    model_sd, opt_sd = copy.deepcopy(lin_a.state_dict()), copy.deepcopy(opt_a.state_dict())
+    train(lin_a, opt_a, 9)
+    lin_b, opt_b = build()
+    lin_b.load_state_dict(model_sd)
+    opt_b.load_state_dict(opt_sd)
+    train(lin_b, opt_b, 9)
+    assert torch.equal(lin_a.weight, lin_b.weight)
+    assert opt_a.stats == opt_b.stats
+
+
+def test_procrustes_converges_at_n16():
+    n = 16
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(4 * n, n, generator=g, dtype=F64)
+    y = x @ random_orthogonal(n, 14).mT
+    lin = torch.nn.Linear(n, n, bias=False, dtype=F64)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(n, dtype=F64))
+    p4opt.register(lin, "weight", p4opt.Orthogonal(seed=0))
+    opt = p4opt.P4Optimizer(torch.optim.Adam(lin.parameters(), lr=0.1))
+    for _ in range(150):
+        (lin(x) - y).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    rel = float((lin(x) - y).square().sum() / y.square().sum())
+    assert rel < 1e-6
+    assert opt.stats["merges_accepted"] == 15
+    assert float(lo.orthogonality_error(lin.weight.detach())) < 1e-12
+
+
+def test_family_keeps_optimizer_state_unless_told():
+    lin, pert = make_layer(6)
+    opt = p4opt.P4Optimizer(torch.optim.Adam(lin.parameters(), lr=0.01), merge_every=1)
+    lin(torch.ones(1, 6, dtype=F64)).sum().backward()
+    opt.step()
+    assert pert.vectors in opt.state  # kept (reset_optimizer_state = False)
+    opt_reset = p4opt.P4Optimizer(opt.optimizer, merge_every=1, reset_state=True)
+    lin(torch.ones(1, 6, dtype=F64)).sum().backward()
+    opt_reset.step()
+    assert pert.vectors not in opt_reset.state
