@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=run)
 
 
+def _units(method: Method, quick: bool) -> int:
+    return len(_grid(method, quick))
+
+
 def _grid(method: Method, quick: bool) -> tuple[float, ...]:
     grid = method.lr_grid
     return (grid[len(grid) // 2],) if quick else grid
@@ -61,15 +65,13 @@ def _skipped(method: Method, status: str, reason: str) -> dict[str, Any]:
 
 
 def _fit(method: Method, task: tasks.Task, steps: int, quick: bool, bar: tqdm) -> dict[str, Any]:
-    """Grid over learning rates (stopping at the target), then a full run at the best one."""
+    """Full-length runs over the learning-rate grid; the best one is reported."""
     grid = _grid(method, quick)
     trials: list[Run] = []
     for lr in grid:
-        trials.append(train(method, task, lr, steps, stop_at_target=True))
+        trials.append(train(method, task, lr, steps))
         bar.update(1)
-    best = pick_best(trials)
-    final = best if best.steps_to_target is None else train(method, task, best.lr, steps)
-    bar.update(1)
+    final = pick_best(trials, task.target)
     out = final.to_dict()
     return {
         "name": method.name, "description": method.description, "p4": method.p4, "status": "ok",
@@ -99,15 +101,15 @@ def compare_task(
         if reason is not None:
             tqdm.write(reason, file=sys.stderr)
             results.append(_skipped(method, "skipped", reason))
-            bar.update(len(_grid(method, quick)) + 1)
+            bar.update(_units(method, quick))
             continue
         bar.set_postfix_str(f"{task.name} n={task.n} {method.name}")
         if steps == 0:
-            results.append({**_skipped(method, "ok", ""), "lr": method.lr_grid[1],
+            results.append({**_skipped(method, "ok", ""), "lr": None,
                             "steps_to_target": None, "seconds_to_target": None,
                             "final_relative_loss": None, "constraint": {},
                             "history": {"relative": [], "seconds": []}})
-            bar.update(len(_grid(method, quick)) + 1)
+            bar.update(_units(method, quick))
             continue
         try:
             results.append(_fit(method, task, steps, quick, bar))
@@ -115,7 +117,7 @@ def compare_task(
             tqdm.write(f"method {method.name!r} failed on {task.name}: {err}", file=sys.stderr)
             results.append(_skipped(method, "failed", f"failed: {err}"))
     ok = [m for m, r in zip(methods, results, strict=True) if r["status"] == "ok"]
-    costs = step_costs(ok, task, lrs={r["name"]: r["lr"] for r in results if r["status"] == "ok"},
+    costs = step_costs(ok, task, lrs={r["name"]: r["lr"] for r in results if r.get("lr")},
                        repeats=repeats)
     bar.update(1)
     for r in results:
@@ -139,11 +141,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("p4opt compare: --steps must be >= 0")
     torch.set_num_threads(max(1, args.threads))
     plan = [tasks.make(name, n, seed=args.seed) for name, n in _plan(args)]
-    chosen = {
-        t.name: [m for m in baselines.methods(t.family) if not args.methods or m.name in args.methods]
-        for t in plan
-    }
-    total = sum(sum(len(_grid(m, args.quick)) + 1 for m in chosen[t.name]) + 1 for t in plan)
+    wanted = set(args.methods or [m.name for m in baselines.METHODS])
+    chosen = {t.name: [m for m in baselines.methods(t.family) if m.name in wanted] for t in plan}
+    total = sum(sum(_units(m, args.quick) for m in chosen[t.name]) + 1 for t in plan)
     args.out.mkdir(parents=True, exist_ok=True)
     repeats = 3 if args.quick else args.repeats
     started = time.perf_counter()

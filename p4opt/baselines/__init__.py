@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from p4opt._typing import Tensor
 from p4opt.baselines.base import (
     Constrained,
     Family,
@@ -56,6 +57,14 @@ __all__ = [
 ]
 
 _ADAM = (3e-3, 1e-2, 3e-2)
+_ADAM_ORTH = (3e-2, 1e-1, 3e-1)
+_RIEMANN = (0.3, 1.0, 3.0)
+
+
+def _p4_invertible_wide(init: Tensor, seed: int) -> P4Weight:
+    """P⁴ Invertible of rank ``n // 4``, ``V`` entries of std ``rank**-0.5``, rejects kept."""
+    rank = max(1, init.shape[-1] // 4)
+    return P4Weight(init, seed, "Invertible", rank=rank, init_scale=rank**-0.5, on_reject="keep")
 
 #: The reference step of every comparison: a plain ``nn.Linear`` weight under Adam.
 REFERENCE = Method(
@@ -67,7 +76,7 @@ METHODS: tuple[Method, ...] = (
         "p4-householder",
         "orthogonal",
         partial(P4Weight, family="Orthogonal", method="householder"),
-        _ADAM,
+        _ADAM_ORTH,
         requires=("p4opt:Orthogonal",),
         p4=True,
         description="P⁴ Orthogonal, Householder reflections, Adam",
@@ -76,7 +85,7 @@ METHODS: tuple[Method, ...] = (
         "p4-givens",
         "orthogonal",
         partial(P4Weight, family="Orthogonal", method="givens"),
-        _ADAM,
+        _ADAM_ORTH,
         requires=("p4opt:Orthogonal",),
         p4=True,
         description="P⁴ Orthogonal, Givens rotations, Adam",
@@ -85,7 +94,7 @@ METHODS: tuple[Method, ...] = (
         "geoopt-radam",
         "orthogonal",
         partial(GeooptStiefel, optimizer="adam"),
-        _ADAM,
+        _RIEMANN,
         requires=("geoopt",),
         description="geoopt RiemannianAdam on Stiefel",
     ),
@@ -93,7 +102,7 @@ METHODS: tuple[Method, ...] = (
         "geoopt-rsgd",
         "orthogonal",
         partial(GeooptStiefel, optimizer="sgd"),
-        (0.1, 0.3, 1.0),
+        _RIEMANN,
         requires=("geoopt",),
         description="geoopt RiemannianSGD (momentum 0.9) on Stiefel",
     ),
@@ -101,7 +110,7 @@ METHODS: tuple[Method, ...] = (
         "geotorch",
         "orthogonal",
         partial(Geotorch, constraint="orthogonal"),
-        _ADAM,
+        _ADAM_ORTH,
         requires=("geotorch",),
         description="geotorch.orthogonal (matrix exponential), Adam",
     ),
@@ -109,21 +118,21 @@ METHODS: tuple[Method, ...] = (
         "torch-expm",
         "orthogonal",
         partial(TorchOrthogonal, orthogonal_map="matrix_exp"),
-        _ADAM,
+        _ADAM_ORTH,
         description="torch parametrizations.orthogonal, matrix_exp, Adam",
     ),
     Method(
         "torch-cayley",
         "orthogonal",
         partial(TorchOrthogonal, orthogonal_map="cayley"),
-        _ADAM,
+        _ADAM_ORTH,
         description="torch parametrizations.orthogonal, cayley, Adam",
     ),
     Method(
         "torch-householder",
         "orthogonal",
         partial(TorchOrthogonal, orthogonal_map="householder"),
-        _ADAM,
+        (1e-2, 3e-2, 1e-1),
         description="torch parametrizations.orthogonal, householder, Adam",
     ),
     Method(
@@ -135,13 +144,27 @@ METHODS: tuple[Method, ...] = (
         description="P⁴ Invertible (rank 1, Woodbury inverse, lemma log|det|), Adam",
     ),
     Method(
+        "p4-invertible-wide",
+        "invertible",
+        _p4_invertible_wide,
+        (1e-3, 3e-3, 1e-2),
+        p4=True,
+        description="P⁴ Invertible, rank n/4, V std rank^-1/2, rejected updates kept, Adam",
+    ),
+    Method(
         "dense",
         "invertible",
         Dense,
-        _ADAM,
+        (1e-2, 3e-2, 1e-1),
         description="dense weight with slogdet/solve, Adam",
     ),
-    Method("lu", "invertible", LU, _ADAM, description="LU-parametrized weight (flows), Adam"),
+    Method(
+        "lu",
+        "invertible",
+        LU,
+        (1e-2, 3e-2, 1e-1),
+        description="LU-parametrized weight (flows), Adam",
+    ),
     Method(
         "geotorch-invertible",
         "invertible",

@@ -1,4 +1,4 @@
-r"""The P⁴ families behind the comparison interface (an ``nn.Linear`` with a registered perturbation)."""
+r"""The P⁴ families behind the comparison interface (``nn.Linear`` + registered perturbation)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ class P4Weight(Constrained):
     def __init__(self, init: Tensor, seed: int, family: str, **options: Any) -> None:
         super().__init__()
         self.linear = _as_linear(init)
-        self.pert = p4opt.register(self.linear, "weight", getattr(p4opt, family)(seed=seed, **options))
+        perturbation = getattr(p4opt, family)(seed=seed, **options)
+        self.pert = p4opt.register(self.linear, "weight", perturbation)
 
     def weight(self) -> Tensor:
         return self.linear.weight

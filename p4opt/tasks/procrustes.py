@@ -14,7 +14,7 @@ __all__ = ["Procrustes"]
 
 
 class Procrustes(Task):
-    r"""Orthogonal Procrustes :math:`\min_{Q^TQ = I} \lVert X Q^T - Y\rVert_F^2`, :math:`Y = X Q_*^T`.
+    r"""Orthogonal Procrustes :math:`\min_{Q^TQ = I} \lVert XQ^T - Y\rVert_F^2`, :math:`Y = XQ_*^T`.
 
     ``X`` holds ``batch = 4 n`` Gaussian samples (rows); :math:`Q_*` and the
     start point are Haar-random with the same determinant sign, so both lie
