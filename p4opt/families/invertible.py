@@ -317,25 +317,20 @@ class Invertible(Perturbation):
         ``rejected`` counts the others (which keep their base bit for bit).
         """
         u, v = self._factors()
-        out = linalg.low_rank_merge(
-            self._matrix(), self.inv, self.sign_base, self.logabsdet_base, u, v,
+        matrix = self._matrix()
+        code, update = linalg.low_rank_merge_(
+            matrix, self.inv, self.sign_base, self.logabsdet_base, u, v,
             self.update_logdet_bounds, self.logdet_bounds, out_dtype=self.base.dtype,
         )
-        ok = out.code == 0
+        ok = code == 0
         n_rejected = int((~ok).sum())
-        update = out.update_logabsdet
         figures = {  # signed for one matrix, the largest magnitude for a stack
             "update_logabsdet": float(update if update.ndim == 0 else update.abs().amax()),
             "rejected": float(n_rejected),
         }
         if bool(ok.any()):
-            new_base = out.matrix.to(self.base.dtype)
-            self.base.copy_(torch.where(ok[..., None, None], new_base, self.base))
-            if self.precise_base is not None:
-                self.precise_base.copy_(out.matrix)
-            self.inv.copy_(out.inv)
-            self.sign_base.copy_(out.sign)
-            self.logabsdet_base.copy_(out.logabsdet)
+            if matrix is not self.base:  # round the float64 master into the layer
+                self.base.copy_(matrix)
             self.merges += 1
         corrected = bool(ok.any()) and self.correct_every is not None and (
             int(self.merges) % self.correct_every == 0
@@ -344,14 +339,14 @@ class Invertible(Perturbation):
             figures.update(self.correct())
         # accepted layers always restart from the identity; rejected ones per ``on_reject``,
         # except updates that cannot be kept (non-finite or singular)
-        forced = (out.code == 1) | (out.code == 2) | (out.code == 5)
+        forced = (code == 1) | (code == 2) | (code == 5)
         reset = ok | forced | (self.on_reject == "reset")
         self._reset(reset)
         reason = "ok"
         if n_rejected:
-            codes = out.code[~ok].tolist()
+            codes = code[~ok].tolist()
             first = linalg.MERGE_REJECTIONS[codes[0]]
-            if out.code.ndim:
+            if code.ndim:
                 first = f"{n_rejected} of {ok.numel()} rejected: {first}"
             reason = first
             if codes[0] == 3:
@@ -362,7 +357,7 @@ class Invertible(Perturbation):
             reason=reason,
             reset=bool(reset.any()),
             corrected=corrected,
-            state_invalid=bool(((out.code == 1) | (out.code == 5)).any()),
+            state_invalid=bool(((code == 1) | (code == 5)).any()),
             figures=figures,
         )
 
