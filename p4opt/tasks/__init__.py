@@ -1,0 +1,34 @@
+r"""Built-in comparison tasks (used by ``p4opt compare``, the examples and the benchmarks).
+
+Every task is seeded and full-batch, trains one square weight under the
+constraint of its ``family``, and knows its optimum so that progress is a
+relative loss gap with a ``target``.
+
+Examples
+--------
+>>> from p4opt import tasks
+>>> task = tasks.make("procrustes", n=8)
+>>> task.family, task.target
+('orthogonal', 0.0001)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from p4opt.tasks.base import Task, random_orthogonal
+from p4opt.tasks.gaussian import GaussianML
+from p4opt.tasks.procrustes import Procrustes
+from p4opt.tasks.rnn import TeacherRNN
+
+__all__ = ["Task", "TASKS", "make", "random_orthogonal", "Procrustes", "GaussianML", "TeacherRNN"]
+
+#: Task classes by name.
+TASKS: dict[str, type[Task]] = {t.name: t for t in (Procrustes, GaussianML, TeacherRNN)}
+
+
+def make(name: str, n: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> Task:
+    """Build the task called ``name`` (see ``TASKS``) at size ``n``."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    return TASKS[name](n, seed=seed, dtype=dtype)

@@ -1,0 +1,130 @@
+"""The comparison baselines keep their constraint and skip cleanly without optional packages."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from p4opt import baselines
+from p4opt.baselines import MissingDependencyError, constraint_errors
+from p4opt.tasks import random_orthogonal
+
+ORTHOGONAL = [m.name for m in baselines.methods("orthogonal")]
+INVERTIBLE = [m.name for m in baselines.methods("invertible")]
+
+
+def _start(family: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    if family == "orthogonal":
+        return random_orthogonal(n, g, det=1.0).to(dtype)
+    noise = torch.randn(n, n, generator=g, dtype=torch.float64)
+    w = torch.eye(n, dtype=torch.float64) + 0.2 * noise
+    if torch.det(w) < 0:  # geotorch.invertible needs det > 0
+        w[0] = -w[0]
+    return w.to(dtype)
+
+
+def _train(holder: baselines.Constrained, family: str, lr: float, steps: int = 5) -> None:
+    g = torch.Generator().manual_seed(2)
+    n = holder.weight().shape[-1]
+    dtype = holder.weight().dtype
+    x = torch.randn(32, n, generator=g, dtype=torch.float64).to(dtype)
+    y = torch.randn(32, n, generator=g, dtype=torch.float64).to(dtype)
+    opt = holder.optimizer(lr)
+    for _ in range(steps):
+        loss = (x @ holder.weight().mT - y).square().mean()
+        if family == "invertible":
+            loss = loss - holder.logabsdet()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _method(name: str) -> baselines.Method:
+    method = baselines.get(name)
+    reason = method.unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    return method
+
+
+@pytest.mark.parametrize("name", ORTHOGONAL)
+def test_orthogonal_peer_starts_at_init_and_stays_orthogonal_float32(name: str) -> None:
+    method = _method(name)
+    init = _start("orthogonal", 12, torch.float32)
+    holder = method.build(init, seed=0)
+    assert float((holder.weight().detach() - init).abs().max()) <= 1e-6
+    _train(holder, "orthogonal", lr=method.lr_grid[1])
+    moved = float((holder.weight().detach() - init).abs().max())
+    assert moved > 1e-3  # it trained
+    assert constraint_errors(holder, "orthogonal")["orthogonality"] <= 1e-5
+
+
+@pytest.mark.parametrize("name", INVERTIBLE)
+def test_invertible_peer_tracks_logdet_and_inverse_float64(name: str) -> None:
+    method = _method(name)
+    init = _start("invertible", 10, torch.float64)
+    holder = method.build(init, seed=0)
+    assert float((holder.weight().detach() - init).abs().max()) <= 1e-10
+    _train(holder, "invertible", lr=1e-2)
+    assert float((holder.weight().detach() - init).abs().max()) > 1e-3
+    errors = constraint_errors(holder, "invertible")
+    assert errors["logdet_error"] <= 1e-9
+    assert errors["inverse_error"] <= 1e-9
+
+
+def test_lu_logdet_is_sum_of_log_scales_and_matches_slogdet() -> None:
+    init = _start("invertible", 16, torch.float64)
+    holder = baselines.LU(init)
+    _train(holder, "invertible", lr=3e-2, steps=10)
+    w = holder.weight().detach()
+    sign, ref = torch.linalg.slogdet(w)
+    tracked = holder.logabsdet().detach()
+    assert abs(float(tracked - ref)) <= 1e-10
+    assert float(tracked - holder.log_scale.detach().sum()) == 0.0
+    y = torch.randn(5, 16, dtype=torch.float64)
+    expected = torch.linalg.solve(w, y.mT).mT
+    assert float((holder.solve(y).detach() - expected).abs().max()) <= 1e-10
+
+
+def test_lu_float32_logdet_error_small() -> None:
+    holder = baselines.LU(_start("invertible", 32, torch.float32))
+    _train(holder, "invertible", lr=1e-2, steps=10)
+    assert constraint_errors(holder, "invertible")["logdet_error"] <= 1e-5
+
+
+@pytest.mark.parametrize("module", ["geoopt", "geotorch"])
+def test_missing_optional_package_skips_with_message(
+    module: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
+    affected = [m for m in baselines.METHODS if module in m.requires]
+    assert affected
+    for method in affected:
+        reason = method.unavailable()
+        assert reason is not None and module in reason and "p4opt[baselines]" in reason
+        with pytest.raises(MissingDependencyError, match=module):
+            method.build(_start(method.family, 4, torch.float32))
+    others = [m for m in baselines.METHODS if not m.requires]
+    assert all(m.unavailable() is None for m in others)
+
+
+def test_missing_p4_family_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    import p4opt
+
+    monkeypatch.delattr(p4opt, "Orthogonal", raising=False)
+    reason = baselines.get("p4-householder").unavailable()
+    assert reason is not None and "p4opt.Orthogonal" in reason
+
+
+def test_get_unknown_method_names_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="geoopt-radam"):
+        baselines.get("no-such-method")
+    assert baselines.get("linear") is baselines.REFERENCE
+
+
+def test_non_square_init_is_rejected() -> None:
+    with pytest.raises(ValueError, match="square"):
+        baselines.get("dense").build(torch.zeros(3, 4))

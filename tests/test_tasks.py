@@ -1,0 +1,81 @@
+"""Each built-in task is at its optimum at its true solution, and seeded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from p4opt import tasks
+from p4opt.tasks import GaussianML, Procrustes, TeacherRNN
+
+
+def _skew(n: int, scale: float, seed: int) -> torch.Tensor:
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return scale * (a - a.mT)
+
+
+def test_procrustes_truth_is_the_svd_solution_and_loss_is_zero() -> None:
+    task = Procrustes(12, seed=3, dtype=torch.float64)
+    truth = task.solution()
+    assert float(task.objective(truth)) <= 1e-28
+    u, _, vh = torch.linalg.svd(task.y.mT @ task.x)  # argmin over O(n): polar factor of Y^T X
+    assert float((u @ vh - truth).abs().max()) <= 1e-10
+    assert task.relative(float(task.objective(task.initial()))) > 1.0
+    for seed in range(3):  # feasible neighbours are worse
+        assert float(task.objective(truth @ torch.linalg.matrix_exp(_skew(12, 1e-3, seed)))) > 0
+
+
+def test_gaussian_ml_optimum_value_and_stationarity() -> None:
+    task = GaussianML(10, seed=1, dtype=torch.float64)
+    w = task.solution().requires_grad_(True)
+    loss = task.objective(w)  # log|det| by slogdet
+    assert abs(float(loss) - task.optimum) <= 1e-12
+    (grad,) = torch.autograd.grad(loss, w)
+    assert float(grad.abs().max()) <= 1e-10
+    rotated = torch.linalg.matrix_exp(_skew(10, 0.3, 0)) @ w.detach()  # O W* is optimal too
+    assert abs(float(task.objective(rotated)) - task.optimum) <= 1e-12
+    g = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        nearby = w.detach() + 1e-3 * torch.randn(10, 10, generator=g, dtype=torch.float64)
+        assert float(task.objective(nearby)) > task.optimum
+    assert task.relative(float(task.objective(task.initial()))) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_gaussian_ml_uses_the_given_logdet() -> None:
+    task = GaussianML(6, dtype=torch.float64)
+    w = task.solution()
+    shifted = task.objective(w, torch.linalg.slogdet(w)[1] + 1.0)
+    assert float(shifted) == pytest.approx(task.optimum - 1.0, abs=1e-12)
+
+
+def test_teacher_rnn_truth_has_zero_loss_and_zero_gradient() -> None:
+    task = TeacherRNN(8, seed=2, dtype=torch.float64)
+    w = task.solution().requires_grad_(True)
+    loss = task.objective(w)
+    assert float(loss) == 0.0
+    (grad,) = torch.autograd.grad(loss, w)
+    assert float(grad.abs().max()) == 0.0
+    assert float(task.objective(task.initial())) > 0.05
+    rotated = task.solution() @ torch.linalg.matrix_exp(_skew(8, 1e-3, 1))
+    assert float(task.objective(rotated)) > 0
+
+
+@pytest.mark.parametrize("name", sorted(tasks.TASKS))
+def test_tasks_are_seeded_and_start_feasible(name: str) -> None:
+    a, b = tasks.make(name, 6, seed=4), tasks.make(name, 6, seed=4)
+    assert torch.equal(a.initial(), b.initial())
+    assert float(a.objective(a.initial())) == float(b.objective(b.initial()))
+    start = a.initial().double()
+    if a.family == "orthogonal":
+        assert float((start.mT @ start - torch.eye(6, dtype=torch.float64)).abs().max()) <= 1e-6
+        assert float(torch.det(start)) == pytest.approx(float(torch.det(a.solution())), abs=1e-6)
+    else:
+        assert float(torch.det(start)) > 0
+    assert tasks.make(name, 6, seed=5).relative(0.0) <= 0.0
+
+
+def test_make_rejects_unknown_task_and_bad_size() -> None:
+    with pytest.raises(ValueError, match="procrustes"):
+        tasks.make("nope", 4)
+    with pytest.raises(ValueError, match="n must be"):
+        tasks.make("procrustes", 1)
