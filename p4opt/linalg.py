@@ -272,6 +272,7 @@ MERGE_REJECTIONS = (
     "non-finite update",
     "singular update",
     "update log|det| outside bounds",
+    "ill-conditioned update",
     "log|det| outside bounds",
     "non-finite merged matrix",
 )
@@ -285,6 +286,14 @@ def _addmm_(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> None:
         out.baddbmm_(a, b, alpha=alpha)
     else:
         out.add_(a @ b, alpha=alpha)
+
+
+def _condition(m: Tensor) -> Tensor:
+    """2-norm condition number of small matrices ``(*, k, k)`` (1 for k = 1)."""
+    if m.shape[-1] == 1:
+        return torch.ones(m.shape[:-2], dtype=m.dtype, device=m.device)
+    s = torch.linalg.svdvals(torch.where(torch.isfinite(m), m, 0))
+    return s[..., 0] / s[..., -1]
 
 
 def _max_abs(x: Tensor) -> Tensor:
@@ -303,12 +312,16 @@ def low_rank_merge_(
     update_bounds: tuple[float, float] = (-math.inf, math.inf),
     logdet_bounds: tuple[float, float] = (-math.inf, math.inf),
     out_dtype: torch.dtype | None = None,
+    max_condition: float = math.inf,
 ) -> tuple[Tensor, Tensor]:
     r"""Validate :math:`A \leftarrow A + UV^T`; apply it in place with its inverse and log|det|.
 
     Each batch element is accepted only if ``u`` and ``v`` are finite, the
     capacitance :math:`C = I + V^T A^{-1} U` is non-singular with
-    :math:`\log|\det C|` inside ``update_bounds``, the new
+    :math:`\log|\det C|` inside ``update_bounds`` and condition number
+    :math:`\sigma_{\max}(C)/\sigma_{\min}(C)` at most ``max_condition`` (for
+    rank one the two checks coincide; for higher rank the second keeps every
+    direction of the update well conditioned), the new
     :math:`\log|\det A|` lies inside ``logdet_bounds``, and bounds on the
     entries show that neither the merged matrix (stored in ``out_dtype``) nor
     its inverse can overflow. Accepted elements of ``matrix``, ``inv``,
@@ -328,6 +341,8 @@ def low_rank_merge_(
     update_bounds, logdet_bounds : (float, float)
     out_dtype : torch.dtype, optional
         Dtype the merged matrix will be stored in (checked for overflow).
+    max_condition : float
+        Largest accepted 2-norm condition number of :math:`C`.
 
     Returns
     -------
@@ -356,6 +371,7 @@ def low_rank_merge_(
         ~finite_uv,
         (cap_sign == 0) | ~torch.isfinite(cap_logabsdet),
         (cap_logabsdet < update_bounds[0]) | (cap_logabsdet > update_bounds[1]),
+        _condition(cap) > max_condition,
         (new_logabsdet < logdet_bounds[0]) | (new_logabsdet > logdet_bounds[1]),
     ]
     code = torch.zeros(cap_sign.shape, dtype=torch.long, device=inv.device)
