@@ -51,9 +51,10 @@ class MergeResult:
     corrected : bool
         Whether a periodic numerical correction ran after this merge.
     state_invalid : bool
-        The update was non-finite or overflowed, so the optimizer state of
-        the trainable tensors is unusable: :class:`~p4opt.P4Optimizer` always
-        drops it, whatever its ``reset_state``.
+        The optimizer state of the trainable tensors is unusable (e.g. the
+        update was non-finite, or was rejected and dropped, so its momentum
+        points back towards it): :class:`~p4opt.P4Optimizer` always drops it,
+        whatever its ``reset_state``.
     figures : Mapping[str, float]
         Numbers behind the decision (e.g. the update's log-determinant).
     """

@@ -89,23 +89,28 @@ def test_low_rank_merge_accepts_and_rejects_elementwise():
     u, v = _factors(6, 1, (3,))
     u = u.clone()
     u[1] = float("nan")  # element 1: non-finite update
-    # element 2: nearly singular update: C = 1 + vᵀA⁻¹u ≈ e^-5
+    # element 2: nearly singular update, C = 1 + vᵀA⁻¹u = e^-5
     target = math.exp(-5) - 1
-    u[2] = (inv[2].inverse() @ v[2]) * target / float(v[2].mT @ v[2])
-    out = linalg.low_rank_merge(a, inv, sign, lad, u, v, update_bounds=(-2.0, 2.0))
-    assert out.code.tolist() == [0, 1, 3]
-    assert torch.equal(out.matrix[1:], a[1:]) and torch.equal(out.inv[1:], inv[1:])
-    assert torch.equal(out.logabsdet[1:], lad[1:])
-    merged = a[0] + u[0] @ v[0].mT
-    assert (out.inv[0] - torch.linalg.inv(merged)).abs().max() < 1e-12
-    assert abs(out.logabsdet[0] - torch.linalg.slogdet(merged)[1]) < 1e-12
+    u[2] = (a[2] @ v[2]) * target / float(v[2].mT @ v[2])
+    before = [t.clone() for t in (a, inv, sign, lad)]
+    code, update = linalg.low_rank_merge_(a, inv, sign, lad, u, v, update_bounds=(-2.0, 2.0))
+    assert code.tolist() == [0, 1, 3]
+    assert abs(float(update[2]) + 5) < 1e-12
+    for new, old in zip((a, inv, sign, lad), before, strict=True):
+        assert torch.equal(new[1:], old[1:])  # rejected elements keep their values
+    merged = before[0][0] + u[0] @ v[0].mT
+    assert torch.equal(a[0], merged)
+    assert (inv[0] - torch.linalg.inv(merged)).abs().max() < 1e-12
+    assert abs(lad[0] - torch.linalg.slogdet(merged)[1]) < 1e-12
 
 
 def test_low_rank_merge_rejects_overflow_in_storage_dtype():
     a = torch.eye(2, dtype=torch.float64)
     u = torch.tensor([[1e39], [0.0]], dtype=torch.float64)
     v = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
-    out = linalg.low_rank_merge(
-        a, a, torch.tensor(1.0), torch.tensor(0.0), u, v, out_dtype=torch.float32
+    sign, lad = torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+    code, _ = linalg.low_rank_merge_(a, a.clone(), sign, lad, u, v, out_dtype=torch.float32)
+    assert linalg.MERGE_REJECTIONS[int(code)] == "non-finite merged matrix" and torch.equal(
+        a, torch.eye(2, dtype=torch.float64)
     )
-    assert int(out.code) == 5 and torch.equal(out.matrix, a)
+    assert float(lad) == 0.0

@@ -62,9 +62,8 @@ _RIEMANN = (0.3, 1.0, 3.0)
 
 
 def _p4_invertible_wide(init: Tensor, seed: int) -> P4Weight:
-    """P⁴ Invertible of rank ``n // 4``, ``V`` entries of std ``rank**-0.5``, rejects kept."""
-    rank = max(1, init.shape[-1] // 4)
-    return P4Weight(init, seed, "Invertible", rank=rank, init_scale=rank**-0.5, on_reject="keep")
+    """P⁴ Invertible of rank ``n // 2`` (otherwise the family's defaults)."""
+    return P4Weight(init, seed, "Invertible", rank=max(1, init.shape[-1] // 2))
 
 #: The reference step of every comparison: a plain ``nn.Linear`` weight under Adam.
 REFERENCE = Method(
@@ -147,9 +146,9 @@ METHODS: tuple[Method, ...] = (
         "p4-invertible-wide",
         "invertible",
         _p4_invertible_wide,
-        (1e-3, 3e-3, 1e-2),
+        (1e-2, 3e-2, 1e-1),
         p4=True,
-        description="P⁴ Invertible, rank n/4, V std rank^-1/2, rejected updates kept, Adam",
+        description="P⁴ Invertible, rank n/2, Adam",
     ),
     Method(
         "dense",

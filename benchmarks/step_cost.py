@@ -1,0 +1,8 @@
+"""Step-cost ratios of P⁴Inv (same as ``p4opt bench``); run ``python benchmarks/step_cost.py --help``."""
+
+import sys
+
+from p4opt.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", *sys.argv[1:]]))
