@@ -4,10 +4,12 @@ r"""A chain of small linear layers with bent-identity activations, as one autogr
 
 with :math:`f` the bent identity. Autograd would record about ten nodes per
 layer; the paper's flow has 200 layers of size 2, where the per-node overhead
-dominates. :func:`linear_bent_chain` instead runs two kernels per layer
-forward and two backward, and does everything that does not depend on the
-layer order (the activation log-derivatives, the weight and bias gradients) as
-single batched kernels over the stack.
+dominates. :func:`linear_bent_chain` is one autograd node: its two sequential
+loops (forward states, backward recursion) run either as two small torch kernels
+per layer each way, or, when a C compiler is available, as two compiled loops
+(:mod:`p4opt.nn._native`); everything that does not depend on the layer order
+(the weight and bias gradients, the activation log-derivatives in the torch
+path) is a single batched kernel over the stack.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ __all__ = ["linear_bent_chain"]
 
 
 class _LinearBentChain(torch.autograd.Function):
-    r"""The chain on a transposed, preallocated state: two kernels per layer each way.
+    r"""The chain on a transposed, preallocated state.
 
     State of layer ``l``: ``S_l = [z_{l-1}; h_{l-1}; 1]`` of shape ``(2n+1, B)``
     with :math:`h = \sqrt{z^2+1}`, so that
