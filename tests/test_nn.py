@@ -17,6 +17,7 @@ from p4opt.nn import (
     InverseBentIdentity,
     InvertibleLinear,
     InvertibleLinearStack,
+    _native,
     flow_distribution,
     realnvp,
 )
@@ -137,13 +138,35 @@ def test_stack_equals_flow_of_layers() -> None:
     assert (x_back - x_ref).abs().max() < 1e-10 and (ladj_inv - ladj_inv_ref).abs().max() < 1e-10
 
 
-def test_fused_chain_gradcheck() -> None:
+BACKENDS = [False] + ([True] if _native.available(torch.zeros(1)) else [])
+
+
+@pytest.mark.parametrize("native", BACKENDS)
+def test_fused_chain_gradcheck(native: bool) -> None:
     g = torch.Generator().manual_seed(4)
     x = torch.randn(5, 2, generator=g, dtype=F64, requires_grad=True)
     w = torch.randn(4, 2, 2, generator=g, dtype=F64, requires_grad=True)
     b = torch.randn(4, 2, generator=g, dtype=F64, requires_grad=True)
-    assert torch.autograd.gradcheck(linear_bent_chain, (x, w, b))
-    assert torch.autograd.gradcheck(lambda *a: linear_bent_chain(*a)[1], (x, w, b))
+    assert torch.autograd.gradcheck(lambda *a: linear_bent_chain(*a, native=native), (x, w, b))
+    assert torch.autograd.gradcheck(lambda *a: linear_bent_chain(*a, native=native)[1], (x, w, b))
+
+
+@pytest.mark.skipif(len(BACKENDS) < 2, reason="no C compiler: only the torch loops exist")
+@pytest.mark.parametrize("dtype,tol", [(F64, 1e-11), (torch.float32, 2e-3)])
+def test_compiled_loops_match_torch_loops(dtype: torch.dtype, tol: float) -> None:
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(33, 3, generator=g, dtype=F64).to(dtype).requires_grad_()
+    w = torch.linalg.qr(torch.randn(300, 3, 3, generator=g, dtype=F64))[0].to(dtype)
+    w.requires_grad_()
+    b = torch.randn(300, 3, generator=g, dtype=F64).to(dtype).requires_grad_()
+    results = []
+    for native in (False, True):
+        y, ladj = linear_bent_chain(x, w, b, native=native)
+        grads = torch.autograd.grad(y.sin().sum() + ladj.cos().sum(), (x, w, b))
+        results.append((y, ladj, *grads))
+    for ref, got in zip(*results, strict=True):
+        ref, got = ref.detach(), got.detach()
+        assert float((got - ref).abs().max()) <= tol * float(ref.abs().max())
 
 
 def test_bent_identity_round_trip_to_float64_precision() -> None:
