@@ -1,6 +1,6 @@
 """p4opt: train constrained weights through property-preserving parameter perturbations (P⁴)."""
 
-from p4opt import checks
+from p4opt import checks, datasets, nn
 from p4opt.exceptions import (
     NotRegisteredError,
     P4Error,
@@ -45,4 +45,6 @@ __all__ = [
     "NotRegisteredError",
     "ShapeError",
     "SingularMatrixError",
+    "nn",
+    "datasets",
 ]

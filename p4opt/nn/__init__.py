@@ -1,0 +1,31 @@
+"""Normalizing-flow layers built on P⁴Inv, with a RealNVP coupling for comparisons.
+
+Every layer follows one convention, written down in :mod:`p4opt.nn.base`:
+``forward``/``inverse`` are the plain maps, ``forward_and_log_det(x)`` and
+``inverse_and_log_det(y)`` also return the per-sample log|det J| of the map in
+that direction. ``layer.transform()`` is a :class:`torch.distributions.Transform`.
+"""
+
+from p4opt.nn import functional
+from p4opt.nn.activations import BentIdentity, InverseBentIdentity
+from p4opt.nn.base import Bijection, Flow
+from p4opt.nn.coupling import AffineCoupling, realnvp, realnvp_with_params
+from p4opt.nn.distributions import BijectionTransform, flow_distribution
+from p4opt.nn.linear import InvertibleLinear, random_orthogonal
+from p4opt.nn.stack import InvertibleLinearStack
+
+__all__ = [
+    "Bijection",
+    "Flow",
+    "InvertibleLinear",
+    "InvertibleLinearStack",
+    "BentIdentity",
+    "InverseBentIdentity",
+    "AffineCoupling",
+    "realnvp",
+    "realnvp_with_params",
+    "BijectionTransform",
+    "flow_distribution",
+    "random_orthogonal",
+    "functional",
+]
