@@ -60,7 +60,7 @@ def capacitance(inv: Tensor, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     >>> capacitance(a, u, u)[1]
     tensor([[4.]], dtype=torch.float64)
     """
-    inv_u = inv @ u
+    inv_u = (u.mT @ inv.mT).mT  # CPU BLAS is several times faster in this layout for k > 1
     cap = v.mT @ inv_u
     return inv_u, cap + _eye_like(cap)
 
@@ -95,13 +95,15 @@ def woodbury_inverse(inv: Tensor, u: Tensor, v: Tensor) -> Tensor:
     return inv - inv_u @ torch.linalg.solve(cap, v.mT @ inv)
 
 
-def woodbury_solve(inv: Tensor, u: Tensor, v: Tensor, y: Tensor) -> Tensor:
+def woodbury_solve(inv_t: Tensor, u: Tensor, v: Tensor, y: Tensor) -> Tensor:
     r"""Apply :math:`(A + U V^T)^{-1}` to a batch of vectors without forming it.
 
     Parameters
     ----------
-    inv : Tensor, shape (n, n)
-        :math:`A^{-1}`.
+    inv_t : Tensor, shape (n, n)
+        :math:`A^{-T}`, the *transposed* inverse, best contiguous: every
+        product then reads it row by row (``rows @ inv_t``), which CPU BLAS
+        runs several times faster than ``inv @ columns`` for few columns.
     u, v : Tensor, shape (n, k)
     y : Tensor, shape (..., n)
 
@@ -109,7 +111,7 @@ def woodbury_solve(inv: Tensor, u: Tensor, v: Tensor, y: Tensor) -> Tensor:
     -------
     Tensor, shape (..., n)
         ``x`` with :math:`(A + U V^T) x = y` for every vector. One product
-        with ``inv`` serves both :math:`A^{-1} y` and :math:`A^{-1} U`, so the
+        with ``inv_t`` serves both :math:`A^{-1} y` and :math:`A^{-1} U`, so the
         cost is :math:`O((m + k) n^2)` for ``m`` vectors, the same as one
         forward matrix product.
 
@@ -120,17 +122,20 @@ def woodbury_solve(inv: Tensor, u: Tensor, v: Tensor, y: Tensor) -> Tensor:
     >>> a = torch.randn(5, 5, generator=g, dtype=torch.float64) + 5 * torch.eye(5)
     >>> u, v = torch.randn(2, 5, 2, generator=g, dtype=torch.float64)
     >>> y = torch.randn(3, 5, generator=g, dtype=torch.float64)
-    >>> x = woodbury_solve(torch.linalg.inv(a), u, v, y)
+    >>> x = woodbury_solve(torch.linalg.inv(a).mT, u, v, y)
     >>> torch.allclose(x @ (a + u @ v.mT).mT, y)
     True
     """
     k = u.shape[-1]
     flat = y.reshape(-1, y.shape[-1])
-    both = inv @ torch.cat([u, flat.mT], dim=-1)
-    inv_u, z = both[:, :k], both[:, k:].mT
-    cap = v.mT @ inv_u + _eye_like(v.mT @ v)
-    s = torch.linalg.solve(cap, v.mT @ z.mT).mT
-    return (z - s @ inv_u.mT).reshape(y.shape)
+    rows = torch.cat([u.mT, flat], dim=0) @ inv_t  # (A⁻¹U)ᵀ and (A⁻¹y)ᵀ in one product
+    inv_u_t, z = rows[:k], rows[k:]
+    cap = v.mT @ inv_u_t.mT
+    if k == 1:  # a scalar capacitance: divide instead of a (slow to launch) 1×1 solve
+        s = (z @ v) / (cap + 1)
+    else:
+        s = torch.linalg.solve(cap + _eye_like(cap), (z @ v).mT).mT
+    return (z - s @ inv_u_t).reshape(y.shape)
 
 
 def lemma_slogdet(
@@ -161,8 +166,8 @@ def lemma_slogdet(
     >>> round(float(l.exp()), 12)  # det(diag(3, 3))
     9.0
     """
-    _, cap = capacitance(inv, u, v)
-    cap_sign, cap_logabsdet = torch.linalg.slogdet(cap)
+    cap = (v.mT @ inv) @ u  # vᵀA⁻¹ first: a row-major product, the fastest layout on CPU
+    cap_sign, cap_logabsdet = torch.linalg.slogdet(cap + _eye_like(cap))
     return sign * cap_sign, logabsdet + cap_logabsdet
 
 
@@ -266,7 +271,7 @@ def refine_inverse(
     return x, res
 
 
-#: Reasons a low-rank merge is rejected, indexed by :attr:`LowRankMerge.code` (0 = accepted).
+#: Reasons a low-rank merge is rejected, indexed by the code :func:`low_rank_merge_` returns.
 MERGE_REJECTIONS = (
     "ok",
     "non-finite update",

@@ -33,7 +33,7 @@ def test_woodbury_solve_matches_dense(k):
     a = random_invertible(10)
     u, v = _factors(10, k)
     y = torch.randn(3, 7, 10, dtype=torch.float64)
-    x = linalg.woodbury_solve(torch.linalg.inv(a), u, v, y)
+    x = linalg.woodbury_solve(torch.linalg.inv(a).mT, u, v, y)
     want = torch.linalg.solve(a + u @ v.mT, y.unsqueeze(-1)).squeeze(-1)
     assert x.shape == y.shape
     assert (x - want).abs().max() < 1e-12

@@ -299,17 +299,16 @@ class Invertible(Perturbation):
             raise ShapeError(f"y must have shape (..., {want}) for {self.where}, got {describe(y)}")
         if stack:
             return (self.inverse().to(y.dtype) @ y.unsqueeze(-1)).squeeze(-1)
-        inv = self._inverse_as(y.dtype)
-        return linalg.woodbury_solve(inv, self.U.to(y.dtype), self.V.to(y.dtype), y)
+        inv_t = self._inverse_transposed(y.dtype)
+        return linalg.woodbury_solve(inv_t, self.U.to(y.dtype), self.V.to(y.dtype), y)
 
-    def _inverse_as(self, dtype: torch.dtype) -> Tensor:
-        if dtype == self.inv.dtype:
-            return self.inv
-        key = (dtype, self.inv.device)
+    def _inverse_transposed(self, dtype: torch.dtype) -> Tensor:
+        """Contiguous :math:`A^{-T}` in ``dtype``, cached until the bookkeeping changes."""
+        key = (dtype, self.inv.device, self.inv.data_ptr())
         version = self.inv._version
         hit = self._cast_cache.get(key)
-        if hit is None or hit[0] != version or hit[1].data_ptr() == 0:
-            hit = (version, self.inv.to(dtype))
+        if hit is None or hit[0] != version:
+            hit = (version, self.inv.mT.to(dtype).contiguous())
             self._cast_cache.clear()
             self._cast_cache[key] = hit
         return hit[1]

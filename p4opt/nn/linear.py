@@ -42,6 +42,9 @@ class InvertibleLinear(Bijection):
     and :math:`\log|\det W|` are tracked exactly and cheaply through the
     low-rank updates :math:`W = A + UV^T`; train with :class:`p4opt.P4Optimizer`.
 
+    Costs (``B`` vectors): :meth:`forward` :math:`O(Bn^2)`, :meth:`inverse`
+    :math:`O(Bn^2)`, :meth:`log_det` :math:`O(n^2 k)`.
+
     Parameters
     ----------
     n : int
@@ -61,9 +64,6 @@ class InvertibleLinear(Bijection):
         The current matrix :math:`A + UV^T` (a parametrized tensor).
     bias : nn.Parameter, shape (n,) or None
     perturbation : p4opt.Invertible
-
-    Costs (``B`` vectors): :meth:`forward` :math:`O(Bn^2)`, :meth:`inverse`
-    :math:`O(Bn^2)`, :meth:`log_det` :math:`O(n^2 k)`.
 
     Examples
     --------

@@ -32,6 +32,9 @@ class InvertibleLinearStack(Bijection):
     the fused :func:`~p4opt.nn.fused.linear_bent_chain`. It computes the same
     map as ``Flow([InvertibleLinear(n), BentIdentity(), ..., InvertibleLinear(n)])``.
 
+    Costs (``B`` vectors): forward and backward :math:`O(L B n^2)` (two compiled
+    loops, or :math:`4L` small kernels); :meth:`log_det` :math:`O(L n^2 k)` in one.
+
     Parameters
     ----------
     n : int
@@ -55,9 +58,6 @@ class InvertibleLinearStack(Bijection):
     weight : Tensor, shape (L, n, n)
     bias : nn.Parameter, shape (L, n) or None
     perturbation : p4opt.Invertible
-
-    Costs (``B`` vectors): forward and backward :math:`O(L B n^2)` (two compiled
-    loops, or :math:`4L` small kernels); :meth:`log_det` :math:`O(L n^2 k)` in one.
 
     Examples
     --------
