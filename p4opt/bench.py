@@ -145,6 +145,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge-every", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=7, help="interleaved repetitions")
     parser.add_argument("--out", type=Path, default=Path("results/bench.json"))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: stable ratios on shared machines; "
+                        "0 keeps torch's default)")
     parser.set_defaults(run=run)
 
 
@@ -152,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args``, print the ratios and write them as JSON."""
     from tqdm import tqdm
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 layers")
     jobs = [("step", n, args.batch) for n in args.sizes]
     jobs += [("inverse", n, b) for n in args.sizes for b in args.inverse_batches]
