@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
 
 @pytest.fixture(autouse=True)
-def _seed() -> None:
+def _seed_and_one_thread() -> Iterator[None]:
+    """Seed every test; run on one thread: the suite's tensors are tiny, and extra threads
+    only add synchronization (milliseconds per op on a busy 2-core machine)."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def random_invertible(n: int, *, dtype=torch.float64, batch=(), seed: int = 0) -> torch.Tensor:

@@ -11,14 +11,6 @@ import p4opt.datasets as D
 from p4opt.datasets import toy2d
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name", D.NAMES)
 def test_generators_are_seeded_and_reproducible(name: str) -> None:
     a = D.sample(name, 300, torch.Generator().manual_seed(3))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -12,16 +12,6 @@ from torch import nn
 import p4opt
 from p4opt.exceptions import ShapeError
 from p4opt.families.linear import LinearStructure
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: intra-op threads only add overhead (and stall badly on a busy machine).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 Case = tuple[Callable[[torch.dtype], nn.Module], Callable[[], LinearStructure]]
 

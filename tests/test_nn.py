@@ -27,14 +27,6 @@ from p4opt.nn.fused import linear_bent_chain
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    """These tensors are tiny: extra threads only add synchronization (ms on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _perturb(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Give every P⁴ update and bias a non-trivial value (fresh layers are too simple)."""
