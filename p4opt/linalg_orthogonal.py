@@ -8,6 +8,7 @@ call right-multiplies a matrix :math:`Q` (its rows are vectors) or a batch.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 
@@ -251,11 +252,41 @@ def householder_apply(x: Tensor, w: Tensor) -> Tensor:
     >>> torch.allclose(householder_apply(torch.eye(5, dtype=torch.float64), w), h[0] @ h[1])
     True
     """
-    if x.ndim == 1:
-        return householder_apply(x[None], w)[0]
-    s = householder_wy_inverse(w)
-    z = torch.linalg.solve_triangular(s, x @ w, upper=True, left=False)
-    return x - z @ w.mT
+    if x.ndim != 2:
+        return householder_apply(x.reshape(-1, x.shape[-1]), w).reshape(x.shape)
+    return _HouseholderApply.apply(x, w, _wy_mask(w.shape[-1], w.dtype, w.device))
+
+
+class _HouseholderApply(torch.autograd.Function):
+    r"""Forward and hand-written backward of :func:`householder_apply` for ``x`` of shape (B, n).
+
+    With :math:`S = M\circ W^TW`, :math:`Z = (xW)S^{-1}`, output :math:`x - ZW^T`
+    and incoming gradient :math:`\bar G`: :math:`P = \bar G W S^{-T}`,
+    :math:`\bar S = M \circ (Z^T P)`,
+    :math:`\bar W = W(\bar S + \bar S^T) - \bar G^T Z - x^T P`,
+    :math:`\bar x = \bar G - P W^T`. Five products and one solve where
+    autograd's graph takes six products, a solve and triangular copies.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, mask: Tensor) -> Tensor:
+        s = (w.mT @ w).mul_(mask)
+        z = torch.linalg.solve_triangular(s, x @ w, upper=True, left=False)
+        ctx.save_for_backward(x, w, mask, s, z)
+        return torch.addmm(x, z, w.mT, alpha=-1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, w, mask, s, z = ctx.saved_tensors
+        p = torch.linalg.solve_triangular(s.mT, grad @ w, upper=False, left=False)
+        grad_x = torch.addmm(grad, p, w.mT, alpha=-1) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            sbar = (z.mT @ p).mul_(mask)
+            grad_w = torch.addmm(w @ (sbar + sbar.mT), grad.mT, z, alpha=-1)
+            grad_w = torch.addmm(grad_w, x.mT, p, alpha=-1)
+        return grad_x, grad_w, None
 
 
 def invert_permutation(perm: Tensor) -> Tensor:

@@ -20,15 +20,14 @@ Group = Literal["SO", "O"]
 
 
 def default_rank(n: int) -> int:
-    """Default number of reflections for size ``n``: ``min(2n, max(32, 8192 // n))``, even.
+    """Default number of reflections for size ``n``: ``min(2n, 256)`` (see :class:`Orthogonal`).
 
     Examples
     --------
-    >>> [default_rank(n) for n in (8, 64, 128, 512)]
-    [16, 128, 64, 32]
+    >>> [default_rank(n) for n in (8, 64, 128, 256, 512)]
+    [16, 128, 256, 256, 256]
     """
-    k = min(2 * n, max(32, 8192 // n))
-    return k - k % 2
+    return min(2 * n, 256)
 
 
 class Orthogonal(Perturbation):
@@ -117,7 +116,7 @@ class Orthogonal(Perturbation):
     True
     """
 
-    default_merge_every: ClassVar[int] = 10
+    default_merge_every: ClassVar[int] = 5
     reset_optimizer_state: ClassVar[bool] = False
 
     def __init__(
@@ -208,6 +207,28 @@ class Orthogonal(Perturbation):
             perm = torch.randperm(self.pairing.numel(), generator=self.generator)
             self.pairing.copy_(perm)
 
+    @torch.no_grad()
+    def _restart_along_travel(self) -> None:
+        r"""Restart at :math:`G = I` with each pair anchored on its direction of travel.
+
+        The pair :math:`(a_i, b_i)` becomes :math:`(v_i, v_i)` with :math:`v_i \propto b_i - a_i`
+        scaled to the norm of a fresh draw (``init_scale * sqrt(n)``), so the
+        next cycle's planes contain the last cycle's motion and Adam's kept
+        moments keep pointing along it. Pairs that did not move (difference
+        below ``1e-6`` of that norm) are redrawn from the generator.
+        """
+        n, k = self.vectors.shape
+        pairs = self.vectors.to(torch.float64).unflatten(1, (k // 2, 2))
+        travel = pairs[:, :, 1] - pairs[:, :, 0]
+        scale = self.init_scale * math.sqrt(n)
+        norms = travel.norm(dim=0)
+        still = norms < 1e-3 * scale
+        anchors = travel * (scale / norms.clamp_min(1e-300))
+        if bool(still.any()):  # a draw costs as much as the rest of this reset: only when needed
+            fresh = torch.randn(n, k // 2, generator=self.generator, dtype=torch.float64)
+            anchors = torch.where(still, fresh.mul_(self.init_scale), anchors)
+        self.vectors.copy_(anchors.repeat_interleave(2, dim=1))
+
     def apply(self, base: Tensor) -> Tensor:
         """:math:`QG(B)` in the layer's dtype; cost :math:`O(n^2 k)`, or :math:`O(n^2)` (givens)."""
         if self.method == "householder":
@@ -244,7 +265,10 @@ class Orthogonal(Perturbation):
             figures["orthogonality_error"] = err
         self.base.copy_(new_q.to(self.base.dtype))
         self.merges += 1
-        self.identity()
+        if self.method == "householder":
+            self._restart_along_travel()
+        else:
+            self.identity()
         return MergeResult(accepted=True, reset=True, corrected=corrected, figures=figures)
 
     @torch.no_grad()
