@@ -76,10 +76,12 @@ class Orthogonal(Perturbation):
     takes 76, 96 takes 86, 64 takes 119; at ``n = 256`` rank 256 reaches the
     target in 134 steps, 128 in about 210-240, 32 (the former cap) not in
     300 (2.2e-2); at ``n = 512`` rank 128 costs about 1.2x a plain
-    ``nn.Linear`` step, 256 about 1.4-1.5x. Merges every 5 steps with the
-    travel restart: 71 steps at ``n = 64`` against 76 every 10 (whose final
-    loss then hovers near the target) and 80 for 5 with redrawn vectors (79
-    for 10, 81 for 20). The optimizer's state is *kept* across merges
+    ``nn.Linear`` step, 256 about 1.4-1.5x. Merges every 7 steps with the
+    travel restart: 71 steps at ``n = 64`` (5: 71, 6: 73, 8: 73, 10: 76 with a
+    final loss hovering near the target), against 80, 79, 81 for intervals 5,
+    10, 20 with redrawn vectors; a merge (in float64) costs about a third of
+    a step at this size, so the longest interval that keeps the step count
+    wins. The optimizer's state is *kept* across merges
     (``reset_optimizer_state = False``): Adam restarted at every merge takes
     steps of size ``lr`` forever and never reaches a small loss, while its
     kept second-moment estimates shrink the steps as the loss falls.
@@ -128,7 +130,7 @@ class Orthogonal(Perturbation):
     True
     """
 
-    default_merge_every: ClassVar[int] = 5
+    default_merge_every: ClassVar[int] = 7
     reset_optimizer_state: ClassVar[bool] = False
 
     def __init__(
