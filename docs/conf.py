@@ -49,7 +49,7 @@ autoclass_content = "class"
 
 html_theme = "furo"
 html_title = f"p4opt {release}"
-html_static_path: list[str] = []
+html_static_path: list[str] = ["_static"]
 pygments_style = "sphinx"
 
 
