@@ -21,6 +21,7 @@ import time
 import torch
 
 import p4opt
+from p4opt import baselines
 
 
 def problem(n: int, rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,11 +33,15 @@ def problem(n: int, rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, x @ q.float().mT
 
 
-def steps_to(loss_fn, step_fn, max_steps: int, target: float) -> int | None:
+def steps_to(weight, opt, x, y, max_steps: int, target: float) -> int | None:
+    """Adam-style steps on ``||X Wᵀ - Y||²`` until the relative loss is below ``target``."""
+    norm = y.square().sum()
     for s in range(1, max_steps + 1):
-        step_fn()
+        (x @ weight().mT - y).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
         with torch.no_grad():
-            if float(loss_fn()) <= target:
+            if float((x @ weight().mT - y).square().sum() / norm) <= target:
                 return s
     return None
 
@@ -50,48 +55,13 @@ def run_p4(x, y, lr, max_steps, target, *, method, rank, merge_every, reset_stat
     p4opt.register(lin, "weight", p4opt.Orthogonal(method, seed=0, **kwargs))
     inner = torch.optim.Adam(lin.parameters(), lr=lr)
     opt = p4opt.P4Optimizer(inner, merge_every=merge_every, reset_state=reset_state)
-    norm = y.square().sum()
-
-    def step() -> None:
-        (lin(x) - y).square().sum().backward()
-        opt.step()
-        opt.zero_grad()
-
-    return steps_to(lambda: (lin(x) - y).square().sum() / norm, step, max_steps, target)
+    return steps_to(lambda: lin.weight, opt, x, y, max_steps, target)
 
 
-def run_geoopt(x, y, lr, max_steps, target):
-    import geoopt
-
-    n = x.shape[1]
-    w = geoopt.ManifoldParameter(torch.eye(n), manifold=geoopt.Stiefel())
-    opt = geoopt.optim.RiemannianAdam([w], lr=lr)
-    norm = y.square().sum()
-
-    def step() -> None:
-        (x @ w.mT - y).square().sum().backward()
-        opt.step()
-        opt.zero_grad()
-
-    return steps_to(lambda: (x @ w.mT - y).square().sum() / norm, step, max_steps, target)
-
-
-def run_geotorch(x, y, lr, max_steps, target):
-    import geotorch
-
-    n = x.shape[1]
-    lin = torch.nn.Linear(n, n, bias=False)
-    geotorch.orthogonal(lin, "weight")
-    lin.weight = torch.eye(n)
-    opt = torch.optim.Adam(lin.parameters(), lr=lr)
-    norm = y.square().sum()
-
-    def step() -> None:
-        (lin(x) - y).square().sum().backward()
-        opt.step()
-        opt.zero_grad()
-
-    return steps_to(lambda: (lin(x) - y).square().sum() / norm, step, max_steps, target)
+def run_peer(x, y, lr, max_steps, target, *, peer):
+    """A peer from ``p4opt.baselines`` (same start ``Q = I``, its own optimizer)."""
+    holder = peer(torch.eye(x.shape[1]))
+    return steps_to(holder.weight, holder.optimizer(lr), x, y, max_steps, target)
 
 
 def step_cost(n: int, batch: int, reps: int, rank: int | None) -> float:
@@ -154,9 +124,10 @@ def main() -> None:
     run = dict(max_steps=args.max_steps, target=args.target)
     print(f"orthogonal Procrustes n={n}, X {tuple(x.shape)}, steps to rel. loss {args.target:g}")
     t0 = time.perf_counter()
-    geo = {lr: run_geoopt(x, y, lr, **run) for lr in [*args.lrs, 0.3, 0.5, 1.0, 2.0]}
+    geo = {lr: run_peer(x, y, lr, peer=baselines.GeooptStiefel, **run)
+           for lr in [*args.lrs, 0.3, 0.5, 1.0, 2.0]}
     print(f"{'geoopt RiemannianAdam (Stiefel)':44s}", fmt(geo), flush=True)
-    gt = {lr: run_geotorch(x, y, lr, **run) for lr in [0.01, 0.02, *args.lrs]}
+    gt = {lr: run_peer(x, y, lr, peer=baselines.Geotorch, **run) for lr in [0.01, 0.02, *args.lrs]}
     print(f"{'geotorch orthogonal + Adam':44s}", fmt(gt), flush=True)
     if args.full:
         grid = itertools.product([None, 16, 32, 64, 2 * n, 4 * n], [1, 5, 10, 20], [None, True])
