@@ -185,6 +185,18 @@ class Perturbation(nn.Module, abc.ABC):
     def validate(self) -> ValidationReport:
         """Measure the invariants of the current (perturbed) tensor."""
 
+    def reject(self, reason: str, figures: Mapping[str, float] | None = None) -> MergeResult:
+        """Drop the pending update: reset to the identity and report a rejected merge.
+
+        For use in :meth:`merge` when the update cannot be kept (non-finite,
+        overflowing): the optimizer state of the trainable tensors describes
+        that update, so the result marks it ``state_invalid``.
+        """
+        self.identity()
+        return MergeResult(
+            accepted=False, reason=reason, reset=True, state_invalid=True, figures=figures or {}
+        )
+
     def attach(self, value: Tensor) -> Tensor:
         """Check the tensor being registered and return the base tensor to store.
 

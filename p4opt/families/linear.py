@@ -175,14 +175,12 @@ class LinearStructure(Perturbation):
         """
         space = self._space()
         if not torch.isfinite(self.z).all():
-            self.identity()
-            return MergeResult(accepted=False, reason="non-finite update", reset=True)
+            return self.reject("non-finite update")
         theta = self.base.to(torch.float64) + space.lift(self.z.to(torch.float64))
         projected = space.project(theta)
         new_base = space.finish(projected.to(self.base.dtype))
         if not torch.isfinite(new_base).all():
-            self.identity()
-            return MergeResult(accepted=False, reason="non-finite merged tensor", reset=True)
+            return self.reject("non-finite merged tensor")
         self.base.copy_(new_base)
         self.identity()
         drift = float((projected - theta).abs().max())

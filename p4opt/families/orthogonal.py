@@ -261,16 +261,14 @@ class Orthogonal(Perturbation):
         """Fold :math:`G` into :math:`Q` (in float64); reject if anything is non-finite."""
         for p in self.trainable():
             if not torch.isfinite(p).all():
-                self.identity()
-                return MergeResult(accepted=False, reason="non-finite update", reset=True)
+                return self.reject("non-finite update")
         q = self.base.to(torch.float64)
         if self.method == "householder":
             new_q = lo.householder_apply(q, self.vectors.to(torch.float64))
         else:
             new_q = lo.givens_apply(q, self.angles.to(torch.float64), self.pairing)
         if not torch.isfinite(new_q).all():
-            self.identity()
-            return MergeResult(accepted=False, reason="non-finite merged matrix", reset=True)
+            return self.reject("non-finite merged matrix")
         due = self.correct_every is not None and (int(self.merges) + 1) % self.correct_every == 0
         corrected = bool(due)
         figures: dict[str, float] = {}
