@@ -227,3 +227,23 @@ def test_penalty_is_zero_inside_and_grows_outside():
     _perturb(pert, scale=1.0, seed=4)  # update log|det| ≈ 1.8
     outside = pert.logdet_penalty()
     assert outside > 0 and outside.requires_grad
+
+
+def test_gradient_restart_aligns_v_with_its_last_gradient():
+    lin, pert = _layer(8, rank=2, restart="gradient")
+    opt = p4opt.P4Optimizer(torch.optim.SGD(lin.parameters(), lr=0.05), merge_every=3)
+    x = torch.randn(32, 8, dtype=torch.float64)
+    for step in range(3):
+        (lin(x) - 2 * x).square().mean().backward()
+        if step == 2:
+            grad = pert.V.grad.clone()
+        opt.step()
+        opt.zero_grad()
+    assert opt.stats["merges_accepted"] == 1
+    v = pert.V.detach()
+    # orthogonal columns spanning the gradient's column space, scaled like a random draw
+    assert torch.allclose(v.mT @ v, torch.eye(2, dtype=torch.float64) * 8 / 2, atol=1e-10)
+    residual = grad - v @ torch.linalg.lstsq(v, grad).solution
+    assert residual.abs().max() < 1e-10 * grad.abs().max()
+    with pytest.raises(ValueError, match="restart"):
+        p4opt.Invertible(restart="sideways")

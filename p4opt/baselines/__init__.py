@@ -62,8 +62,10 @@ _RIEMANN = (0.3, 1.0, 3.0)
 
 
 def _p4_invertible_wide(init: Tensor, seed: int) -> P4Weight:
-    """P⁴ Invertible of rank ``n // 2`` (otherwise the family's defaults)."""
-    return P4Weight(init, seed, "Invertible", rank=max(1, init.shape[-1] // 2))
+    """P⁴ Invertible of rank ``n // 2``, ``V`` restarting along its gradient."""
+    return P4Weight(
+        init, seed, "Invertible", rank=max(1, init.shape[-1] // 2), restart="gradient"
+    )
 
 #: The reference step of every comparison: a plain ``nn.Linear`` weight under Adam.
 REFERENCE = Method(
@@ -148,7 +150,7 @@ METHODS: tuple[Method, ...] = (
         _p4_invertible_wide,
         (1e-2, 3e-2, 1e-1),
         p4=True,
-        description="P⁴ Invertible, rank n/2, Adam",
+        description="P⁴ Invertible, rank n/2, V restarted along its gradient, Adam",
     ),
     Method(
         "dense",
