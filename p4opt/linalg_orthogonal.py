@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from p4opt._typing import Tensor
+from p4opt.linalg import _eye_like
 
 __all__ = [
     "orthogonality_error",
@@ -25,10 +26,6 @@ __all__ = [
     "givens_apply",
     "invert_permutation",
 ]
-
-
-def _eye_like(m: Tensor) -> Tensor:
-    return torch.eye(m.shape[-1], dtype=m.dtype, device=m.device).expand_as(m)
 
 
 def orthogonality_error(q: Tensor) -> Tensor:
