@@ -1,9 +1,17 @@
 """p4opt: train constrained weights through property-preserving parameter perturbations (P⁴)."""
 
-from p4opt import checks, datasets, nn
-from p4opt.exceptions import (
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from p4opt import nn
+from p4opt.errors import (
     NotRegisteredError,
     P4Error,
+    P4RuntimeError,
+    P4TypeError,
+    P4ValueError,
     RegistrationError,
     ShapeError,
     SingularMatrixError,
@@ -18,14 +26,16 @@ from p4opt.families import (
     ZeroSum,
 )
 from p4opt.optimizer import P4Optimizer
-from p4opt.perturbation import MergeResult, Perturbation, ValidationReport
+from p4opt.perturbation import MergeResult, Perturbation, Proposal, Reason, ValidationReport
 from p4opt.registry import perturbation_of, perturbations, register, unregister
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Perturbation",
+    "Proposal",
     "MergeResult",
+    "Reason",
     "ValidationReport",
     "Invertible",
     "Orthogonal",
@@ -41,6 +51,9 @@ __all__ = [
     "perturbation_of",
     "perturbations",
     "P4Error",
+    "P4ValueError",
+    "P4TypeError",
+    "P4RuntimeError",
     "RegistrationError",
     "NotRegisteredError",
     "ShapeError",
@@ -48,3 +61,12 @@ __all__ = [
     "nn",
     "datasets",
 ]
+
+#: Submodules imported on first use (they pull in more than the core needs).
+_LAZY = {"checks", "datasets", "baselines", "tasks", "studies"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return importlib.import_module(f"p4opt.{name}")
+    raise AttributeError(f"module 'p4opt' has no attribute {name!r}")

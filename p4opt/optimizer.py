@@ -5,51 +5,85 @@ from __future__ import annotations
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from p4opt._typing import StateDict
-from p4opt.perturbation import MergeResult, Perturbation, live_perturbations
+from p4opt._typing import StateDict, Tensor
+from p4opt._validate import check_optional_int
+from p4opt.errors import P4TypeError, P4ValueError
+from p4opt.perturbation import MergeResult, Perturbation, owner_of
 
-__all__ = ["P4Optimizer"]
+__all__ = ["P4Optimizer", "Counters", "PerturbationStats"]
+
+#: Optimizers that keep one state for all parameters instead of one per parameter.
+_GLOBAL_STATE = (torch.optim.LBFGS,)
+#: After this many merges of one perturbation, warn once if most were cut back or rejected.
+_WARN_AFTER = 10
 
 
-def _check_interval(merge_every: int | None) -> int | None:
-    if merge_every is None:
-        return None
-    if isinstance(merge_every, bool) or not isinstance(merge_every, int) or merge_every < 1:
-        raise ValueError(f"merge_every must be a positive int or None, got {merge_every!r}")
-    return merge_every
+@dataclass
+class Counters:
+    """The wrapper's own counters (saved in :meth:`P4Optimizer.state_dict`)."""
+
+    steps: int = 0
+    merges_accepted: int = 0
+    merges_partial: int = 0
+    merges_rejected: int = 0
+    corrections: int = 0
+    steps_skipped: int = 0
+
+
+@dataclass
+class PerturbationStats:
+    """Merge outcomes of one perturbation under one optimizer (see :meth:`P4Optimizer.report`)."""
+
+    where: str
+    accepted: int = 0
+    partial: int = 0
+    rejected: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    warned: bool = False
+
+    def add(self, result: MergeResult) -> None:
+        if result.accepted:
+            self.accepted += 1
+        elif result.folded or result.partial:
+            self.partial += 1
+        else:
+            self.rejected += 1
+        if not result.accepted:
+            key = str(result.reason)
+            self.reasons[key] = self.reasons.get(key, 0) + 1
 
 
 class P4Optimizer(torch.optim.Optimizer):
     r"""Run any ``torch.optim.Optimizer`` on P⁴ perturbations and merge them on schedule.
 
-    The wrapper delegates everything to the wrapped optimizer (``param_groups``,
-    ``state`` and ``defaults`` *are* the wrapped optimizer's, so LR schedulers,
-    ``zero_grad`` and ``step(closure)`` behave as usual) and adds the merge
-    cycle: after every ``merge_every``-th step each registered perturbation
-    whose tensors are in the param groups is validated and merged
-    (:math:`A \leftarrow R_B(A)`, :math:`B \leftarrow B_0`). After a merge that
-    returns the perturbation to its identity, the wrapped optimizer's state
-    for *that perturbation's own tensors* is dropped (``reset_state=True``),
-    because it describes a tensor that no longer exists; no other state is
-    touched. Unregistered parameters are optimized exactly as without the
-    wrapper.
+    The wrapper delegates to the wrapped optimizer (``param_groups``, ``state`` and
+    ``defaults`` *are* the wrapped optimizer's, so LR schedulers, ``zero_grad`` and
+    ``step(closure)`` behave as usual) and adds the merge cycle: after every
+    ``merge_every``-th step each registered perturbation whose tensors are in the param
+    groups merges (:meth:`p4opt.Perturbation.merge`). The wrapped optimizer's state of
+    exactly the tensors a merge reports stale is dropped; no other state is touched
+    (optimizers with one global state, such as LBFGS, have it reset).
 
     Parameters
     ----------
     optimizer : torch.optim.Optimizer
         Built on the model's parameters *after* ``p4opt.register``.
     merge_every : int, optional
-        Steps between merges for all perturbations. Left out, each uses its
-        family's ``default_merge_every``.
+        Steps between merges for all perturbations. Left out, each uses its family's
+        ``default_merge_every``.
     reset_state : bool, optional
-        Drop the wrapped optimizer's state of a perturbation's tensors after
-        it is reset (``True``) or keep it (``False``, momentum carries over).
-        Left out, each family decides (``Perturbation.reset_optimizer_state``:
-        ``True`` unless the family documents a measured reason).
+        Drop the optimizer state of a perturbation's tensors whenever it restarts (``True``)
+        or keep it (``False``); left out, each family decides. State that describes an update
+        that was thrown away (non-finite) is always dropped.
+    skip_nonfinite : bool
+        Skip a step (no update, no merge; counted in ``steps_skipped``) when any gradient is
+        NaN or Inf, as ``torch.amp.GradScaler`` does, so a bad batch cannot poison the moments
+        of ordinary parameters. Costs one reduction per parameter.
 
     Attributes
     ----------
@@ -81,30 +115,38 @@ class P4Optimizer(torch.optim.Optimizer):
         merge_every: int | None = None,
         *,
         reset_state: bool | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         if isinstance(optimizer, P4Optimizer):
-            raise TypeError("optimizer is already a P4Optimizer; wrap the plain optimizer once")
+            raise P4TypeError("optimizer is already a P4Optimizer; wrap the plain optimizer once")
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
+            raise P4TypeError(
                 "optimizer must be a torch.optim.Optimizer instance, "
                 f"got {type(optimizer).__name__}"
             )
         self.optimizer = optimizer
-        self.merge_every = _check_interval(merge_every)
+        self.merge_every = check_optional_int("merge_every", merge_every, minimum=1)
         self.reset_state = None if reset_state is None else bool(reset_state)
-        self._counters = {"steps": 0, "merges_accepted": 0, "merges_rejected": 0, "corrections": 0}
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.counters = Counters()
         self.last_results: list[tuple[str, MergeResult]] = []
-        self.perturbations = self._discover()
+        self._per: dict[int, PerturbationStats] = {}
+        self._grads: dict[int, dict[str, Tensor]] = {}
         for name in (
-            "_optimizer_step_pre_hooks",
-            "_optimizer_step_post_hooks",
             "_optimizer_state_dict_pre_hooks",
             "_optimizer_state_dict_post_hooks",
             "_optimizer_load_state_dict_pre_hooks",
             "_optimizer_load_state_dict_post_hooks",
         ):
             setattr(self, name, OrderedDict())
-        self._patch_step_function()
+        self.perturbations = self._discover()
+        if not self.perturbations:
+            warnings.warn(
+                "P4Optimizer found no p4opt perturbation among the optimizer's parameters, so it "
+                "will never merge; register perturbations (p4opt.register) before building the "
+                "optimizer, or use the plain optimizer",
+                stacklevel=2,
+            )
 
     # ------------------------------------------------------------- delegation
     @property
@@ -126,6 +168,14 @@ class P4Optimizer(torch.optim.Optimizer):
         self.optimizer.add_param_group(param_group)
         self.perturbations = self._discover()
 
+    def register_step_pre_hook(self, hook: Callable[..., Any]) -> Any:  # type: ignore[override]
+        """Run ``hook(self, args, kwargs)`` before each step (once per step)."""
+        return self.optimizer.register_step_pre_hook(lambda _, a, k: hook(self, a, k))
+
+    def register_step_post_hook(self, hook: Callable[..., Any]) -> Any:  # type: ignore[override]
+        """Run ``hook(self, args, kwargs)`` after each step (before its merges; once per step)."""
+        return self.optimizer.register_step_post_hook(lambda _, a, k: hook(self, a, k))
+
     def __getstate__(self) -> dict[str, Any]:  # type: ignore[override]
         return dict(self.__dict__)
 
@@ -141,41 +191,50 @@ class P4Optimizer(torch.optim.Optimizer):
 
     # -------------------------------------------------------------- discovery
     def _discover(self) -> list[Perturbation]:
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        position = {id(p): i for i, p in enumerate(params)}
-        found: list[tuple[int, Perturbation]] = []
-        for pert in live_perturbations():
-            if not pert.is_registered:
-                continue
-            hits = [position[id(t)] for t in pert.trainable() if id(t) in position]
-            if hits:
-                found.append((min(hits), pert))
-            elif id(pert.base) in position:
+        found: dict[int, Perturbation] = {}
+        bases: dict[int, Perturbation] = {}
+        for group in self.optimizer.param_groups:
+            for tensor in group["params"]:
+                owner = owner_of(tensor)
+                if owner is not None:
+                    (found if owner[1] == "trainable" else bases).setdefault(id(owner[0]), owner[0])
+        for key, pert in bases.items():
+            if key not in found:
                 warnings.warn(
-                    f"{pert.where} has a registered {type(pert).__name__} but only its frozen base "
-                    "tensor is in the optimizer; build the optimizer after p4opt.register",
+                    f"{pert.where} has a registered {type(pert).__name__} but the optimizer holds "
+                    "only its frozen base tensor; build the optimizer after p4opt.register",
                     stacklevel=3,
                 )
-        return [p for _, p in sorted(found, key=lambda item: item[0])]
+        return list(found.values())
 
     def interval(self, pert: Perturbation) -> int:
         """Steps between merges of ``pert`` under this optimizer."""
         return self.merge_every or pert.default_merge_every
 
-    def resets_state(self, pert: Perturbation) -> bool:
-        """Whether a reset of ``pert`` drops its tensors' state in the wrapped optimizer."""
-        return pert.reset_optimizer_state if self.reset_state is None else self.reset_state
-
     # ------------------------------------------------------------------ steps
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
         """One step of the wrapped optimizer, then the merges that are due."""
+        if self.skip_nonfinite and closure is None and not self._gradients_finite():
+            self.counters.steps_skipped += 1
+            return None
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
-        self._counters["steps"] += 1
-        steps = self._counters["steps"]
+        self.counters.steps += 1
+        steps = self.counters.steps
+        for pert in self.perturbations:
+            if getattr(pert, "wants_gradients", False):
+                self._grads[id(pert)] = {
+                    name: p.grad.detach().clone()
+                    for name, p in pert.named_parameters(recurse=False)
+                    if p.grad is not None
+                }
         due = [p for p in self.perturbations if steps % self.interval(p) == 0]
         if due:
             self._merge(due)
         return loss
+
+    def _gradients_finite(self) -> bool:
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return all(bool(torch.isfinite(g).all()) for g in grads)
 
     def merge(self) -> list[tuple[str, MergeResult]]:
         """Run a merge cycle for every perturbation now; returns ``(where, result)`` pairs."""
@@ -186,55 +245,92 @@ class P4Optimizer(torch.optim.Optimizer):
         for pert in perts:
             if not pert.is_registered:
                 continue
-            result = pert.merge()
-            key = "merges_accepted" if result.accepted else "merges_rejected"
-            self._counters[key] += 1
-            self._counters["corrections"] += int(result.corrected)
-            if result.state_invalid or (result.reset and self.resets_state(pert)):
-                for tensor in pert.trainable():
-                    self.optimizer.state.pop(tensor, None)
+            result = pert.merge(reset_state=self.reset_state, grads=self._grads.get(id(pert)))
+            self._count(pert, result)
+            self._drop_state(result.stale)
             results.append((pert.where, result))
         self.last_results = results
         return results
 
+    def _count(self, pert: Perturbation, result: MergeResult) -> None:
+        c = self.counters
+        if result.accepted:
+            c.merges_accepted += 1
+        elif result.folded or result.partial:
+            c.merges_partial += 1
+        else:
+            c.merges_rejected += 1
+        c.corrections += int(result.corrected)
+        stats = self._per.setdefault(id(pert), PerturbationStats(pert.where))
+        stats.add(result)
+        total = stats.accepted + stats.partial + stats.rejected
+        if not stats.warned and total >= _WARN_AFTER and 2 * stats.accepted < total:
+            stats.warned = True
+            warnings.warn(
+                f"{pert.where}: {stats.partial} of {total} merges were cut back and "
+                f"{stats.rejected} rejected (reasons: {stats.reasons}); the updates are too large "
+                "for the family's bounds: lower the learning rate, merge more often, or widen the "
+                "bounds (see P4Optimizer.report())",
+                stacklevel=4,
+            )
+
+    def _drop_state(self, stale: tuple[Tensor, ...]) -> None:
+        if not stale:
+            return
+        if isinstance(self.optimizer, _GLOBAL_STATE):
+            self.optimizer.state.clear()  # curvature pairs describe the old coordinates
+            return
+        for tensor in stale:
+            self.optimizer.state.pop(tensor, None)
+
     @property
     def stats(self) -> dict[str, int]:
-        """Counters: ``steps``, ``merges_accepted``, ``merges_rejected``, ``corrections``."""
-        return dict(self._counters)
+        """Counters: ``steps``, ``merges_accepted``, ``merges_partial``, ``merges_rejected``,
+        ``corrections``, ``steps_skipped``."""
+        return asdict(self.counters)
+
+    def report(self) -> list[PerturbationStats]:
+        """Per perturbation: merges accepted, cut back (partial) and rejected, with reasons."""
+        return [self._per.get(id(p), PerturbationStats(p.where)) for p in self.perturbations]
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> StateDict:  # type: ignore[override]
-        """The wrapped optimizer's state dict beside the schedule, counters and generators.
+        """The wrapped optimizer's state dict beside the wrapper's counters and schedule.
 
-        Everything is tensors, numbers and strings, so ``torch.load(...,
-        weights_only=True)`` reads it back.
+        Everything is tensors, numbers and strings, so ``torch.load(..., weights_only=True)``
+        reads it back. The perturbations' random draws are part of the *model's* state dict.
         """
-        return {
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        state = {
             "optimizer": self.optimizer.state_dict(),
             "p4": {
-                "counters": dict(self._counters),
+                "counters": asdict(self.counters),
                 "merge_every": self.merge_every,
                 "reset_state": self.reset_state,
-                "generators": [p.generator.get_state() for p in self.perturbations],
             },
         }
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            state = hook(self, state) or state
+        return state
 
     def load_state_dict(self, state_dict: StateDict) -> None:  # type: ignore[override]
-        """Restore a :meth:`state_dict` (load the model's state dict as well, as usual)."""
+        """Restore a :meth:`state_dict` (load the model's state dict as well, as usual).
+
+        State dicts written by p4opt 0.1 load too (their generator states are ignored: the
+        draws now live in the model's buffers).
+        """
         if not isinstance(state_dict, dict) or set(state_dict) != {"optimizer", "p4"}:
-            raise ValueError(
+            raise P4ValueError(
                 "state_dict must come from P4Optimizer.state_dict() (keys 'optimizer' and 'p4')"
             )
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = hook(self, state_dict) or state_dict
         own = state_dict["p4"]
-        generators = own["generators"]
-        if len(generators) != len(self.perturbations):
-            raise ValueError(
-                f"state_dict holds {len(generators)} perturbation generators but this optimizer "
-                f"manages {len(self.perturbations)} perturbations"
-            )
         self.optimizer.load_state_dict(state_dict["optimizer"])
-        self._counters = {k: int(v) for k, v in own["counters"].items()}
-        self.merge_every = _check_interval(own["merge_every"])
+        known = {f for f in Counters.__dataclass_fields__}
+        self.counters = Counters(**{k: int(v) for k, v in own["counters"].items() if k in known})
+        self.merge_every = check_optional_int("merge_every", own["merge_every"], minimum=1)
         self.reset_state = None if own["reset_state"] is None else bool(own["reset_state"])
-        for pert, gen_state in zip(self.perturbations, generators, strict=True):
-            pert.generator.set_state(gen_state)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)

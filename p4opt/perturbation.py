@@ -1,164 +1,153 @@
-r"""The :class:`Perturbation` base class and the records a merge or a validation returns.
+r"""The :class:`Perturbation` base class: one merge cycle, written once, for every family.
 
-A perturbation family defines a map :math:`R_B : S \to S` on a feasible set
-:math:`S`, parameterized by small trainable tensors :math:`B` with an identity
-element :math:`B_0` (:math:`R_{B_0} = \mathrm{id}`). The frozen base tensor
-:math:`A` lives in the module (``module.parametrizations[name].original``);
-``module.<name>`` evaluates :math:`R_B(A)`.
+A perturbation family defines a map :math:`R_B : S \to S` on a feasible set :math:`S`,
+parameterized by small trainable tensors :math:`B` with an identity element :math:`B_0`
+(:math:`R_{B_0} = \mathrm{id}`). The frozen base tensor :math:`A` lives in the module
+(``module.parametrizations[name].original``); ``module.<name>`` evaluates :math:`R_B(A)`.
 """
 
 from __future__ import annotations
 
 import abc
 import functools
-import math
 import weakref
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from p4opt._typing import Tensor
-from p4opt.exceptions import RegistrationError
+from p4opt._validate import check_choice, check_finite, check_floating, check_int
+from p4opt._validate import check_optional_int
+from p4opt.errors import RegistrationError
+from p4opt.records import MergeResult, Proposal, Reason, ValidationReport
 
-__all__ = ["Perturbation", "MergeResult", "ValidationReport", "live_perturbations"]
+__all__ = ["Perturbation", "MergeResult", "Proposal", "Reason", "ValidationReport", "owner_of"]
 
-_LIVE: weakref.WeakSet[Perturbation] = weakref.WeakSet()
-
-
-def live_perturbations() -> Iterator[Perturbation]:
-    """Every :class:`Perturbation` object currently alive (used for optimizer discovery)."""
-    return iter(list(_LIVE))
-
-
-@dataclass(frozen=True)
-class MergeResult:
-    """What one merge cycle of one perturbation did.
-
-    Attributes
-    ----------
-    accepted : bool
-        Whether :math:`A \\leftarrow R_B(A)` was committed. When ``False`` the
-        base tensor and its bookkeeping are bit-for-bit unchanged.
-    reason : str
-        ``"ok"`` or why the merge was rejected (e.g. ``"non-finite update"``).
-    reset : bool
-        Whether the trainable tensors were returned to the identity. The
-        optimizer state of those tensors is then stale and is reset by
-        :class:`~p4opt.P4Optimizer` (if configured).
-    corrected : bool
-        Whether a periodic numerical correction ran after this merge.
-    state_invalid : bool
-        The optimizer state of the trainable tensors is unusable (e.g. the
-        update was non-finite, or was rejected and dropped, so its momentum
-        points back towards it): :class:`~p4opt.P4Optimizer` always drops it,
-        whatever its ``reset_state``.
-    figures : Mapping[str, float]
-        Numbers behind the decision (e.g. the update's log-determinant).
-    """
-
-    accepted: bool
-    reason: str = "ok"
-    reset: bool = True
-    corrected: bool = False
-    state_invalid: bool = False
-    figures: Mapping[str, float] = field(default_factory=dict)
+OnReject = Literal["keep", "reset"]
+#: Updates that can never be kept pending: the layer they give is already non-finite or
+#: outside the feasible set.
+_FORCED_DROPS = tuple(
+    r.code for r in (Reason.NON_FINITE_UPDATE, Reason.NON_FINITE_RESULT, Reason.INFEASIBLE_RESULT)
+)
+#: id(tensor) -> (tensor, perturbation, role), all weak; filled by :func:`p4opt.register`, read
+#: by the optimizer. Keyed by tensor identity, so two models never see each other.
+_OWNERS: dict[int, tuple[weakref.ref[Tensor], weakref.ref[Perturbation], str]] = {}
 
 
-@dataclass(frozen=True)
-class ValidationReport:
-    """Figures measuring how well a perturbation's invariants hold.
+def owner_of(tensor: Tensor) -> tuple[Perturbation, str] | None:
+    """The registered perturbation a tensor belongs to, with its role (``"trainable"``/``"base"``)."""
+    entry = _OWNERS.get(id(tensor))
+    if entry is None or entry[0]() is not tensor:
+        return None
+    pert = entry[1]()
+    return None if pert is None or not pert.is_registered else (pert, entry[2])
 
-    ``ok`` is true when every figure is within its tolerance (NaN never is).
-    ``str(report)`` prints one line per figure.
-    """
 
-    where: str
-    figures: Mapping[str, float]
-    tolerances: Mapping[str, float]
+def _record(tensor: Tensor, pert: Perturbation, role: str) -> None:
+    key = id(tensor)
+    entry = _OWNERS.get(key)
+    if entry is not None and entry[0]() is tensor:
+        _OWNERS[key] = (entry[0], weakref.ref(pert), role)
+        return
+    _OWNERS[key] = (weakref.ref(tensor, lambda _, key=key: _OWNERS.pop(key, None)),
+                    weakref.ref(pert), role)
 
-    @property
-    def ok(self) -> bool:
-        return all(
-            math.isfinite(self.figures[k]) and self.figures[k] <= tol
-            for k, tol in self.tolerances.items()
-        )
 
-    def __str__(self) -> str:
-        lines = [f"validation of {self.where}: {'ok' if self.ok else 'FAILED'}"]
-        for key, value in self.figures.items():
-            tol = self.tolerances.get(key)
-            bound = "" if tol is None else f" (tolerance {tol:.1e})"
-            lines.append(f"  {key}: {value:.3e}{bound}")
-        return "\n".join(lines)
+def _forget(tensor: Tensor) -> None:
+    entry = _OWNERS.get(id(tensor))
+    if entry is not None and entry[0]() is tensor:
+        del _OWNERS[id(tensor)]
+
+
+def _mix(seed: int, draw: int) -> int:
+    """A 63-bit seed for draw number ``draw`` of a perturbation seeded with ``seed``."""
+    return (seed * 0x9E3779B97F4A7C15 + draw * 0xBF58476D1CE4E5B9 + 1) % (2**63 - 1)
 
 
 class Perturbation(nn.Module, abc.ABC):
-    r"""Abstract base of every P⁴ family.
+    r"""Abstract base of every P⁴ family; owns the merge cycle as a template.
 
-    A subclass implements four methods:
+    A family implements:
 
+    ``attach(value)``
+        Check or project the tensor being registered (already known to be finite and
+        floating) and create the trainable tensors; return the base tensor to store.
     ``identity()``
-        Return the trainable tensors to :math:`B_0` (in place, so optimizer
-        state keyed by tensor stays valid).
+        Return the trainable tensors to :math:`B_0`, in place.
     ``apply(base)``
         :math:`R_B(A)`, differentiable in the trainable tensors.
-    ``merge()``
-        Validate and fold the update into the base tensor ``self.base``
-        (in place), update any bookkeeping, reset to the identity, and return a
-        :class:`MergeResult`. A rejected merge must leave ``self.base`` and all
-        bookkeeping unchanged.
     ``validate()``
-        Return a :class:`ValidationReport` with error figures.
+        A :class:`ValidationReport` of the invariants.
 
-    Optionally, ``attach(value)`` checks/projects the tensor the perturbation
-    is registered on and initializes bookkeeping (it is torch's
-    ``right_inverse`` hook, so it also runs when ``module.<name> = X`` is
-    assigned later). ``default_merge_every`` sets the family's merge interval.
+    and, when the defaults do not fit, ``propose()`` (the candidate and per-element checks;
+    default: :math:`R_B(A)` itself, checked by ``check``), ``fold(proposal, ok)`` (write it
+    into the base; default: copy), ``restart(mask, folded)`` (default: ``identity()``) and
+    ``correct()`` (periodic numerical correction; default: none).
 
-    The perturbation owns a seeded :class:`torch.Generator` (``self.generator``)
-    for any randomness; its state is part of ``state_dict``.
-
-    ``apply`` keeps working as :meth:`torch.nn.Module.apply` when given a
-    callable, so ``model.apply(init_fn)`` is unaffected.
+    :meth:`merge` runs the cycle: finite check of :math:`B` → ``propose`` → acceptance →
+    ``fold`` → merge count and correction on one schedule → ``restart`` → a
+    :class:`MergeResult` naming the exact tensors whose optimizer state is stale. A rejected
+    element of a stack keeps its base bit for bit.
 
     Parameters
     ----------
     seed : int, optional
-        Seed of the perturbation's generator. By default one is drawn from
-        torch's global generator at construction (so ``torch.manual_seed``
-        makes runs, and all ranks of a distributed job, identical).
+        Seed of the perturbation's random draws. Left out, one is drawn from torch's global
+        generator. Draw number ``i`` uses a generator seeded from ``(seed, i)``; both numbers
+        are buffers, so checkpoints resume the same draws and data-parallel ranks (which
+        synchronize buffers) draw the same values whatever each rank's own seeding.
+    correct_every : int or None
+        Merges between numerical corrections (``None``: never).
+    on_reject : {"keep", "reset"}
+        What happens to a finite update that cannot be folded: kept pending (the layer's
+        function does not change) or dropped (its optimizer state with it).
     """
 
     default_merge_every: ClassVar[int] = 10
-    #: Whether :class:`~p4opt.P4Optimizer` (``reset_state`` left out) drops the wrapped
-    #: optimizer's state of the trainable tensors after a reset.
+    #: Whether, after a restart, the optimizer's state of the trainable tensors is dropped
+    #: (``P4Optimizer(reset_state=...)`` overrides it).
     reset_optimizer_state: ClassVar[bool] = True
-    #: Buffers that keep their dtype under ``module.float()``/``.half()`` (bookkeeping precision);
-    #: they still follow device moves.
+    #: Buffers that keep their dtype under ``module.float()``/``.double()`` (bookkeeping).
     precise_buffers: ClassVar[tuple[str, ...]] = ()
+    #: Trailing dimensions forming one element of a stack (``None``: the whole tensor).
+    element_ndim: ClassVar[int | None] = None
 
-    def __init__(self, *, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        seed: int | None = None,
+        correct_every: int | None = None,
+        on_reject: OnReject = "keep",
+    ) -> None:
         super().__init__()
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
-        elif not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        self.generator = torch.Generator().manual_seed(seed)
+        check_int("seed", seed)
+        self.correct_every = check_optional_int("correct_every", correct_every, minimum=1)
+        self.on_reject: OnReject = check_choice("on_reject", on_reject, ("keep", "reset"))
+        self.register_buffer("rng_seed", torch.tensor(seed, dtype=torch.long))
+        self.register_buffer("rng_draws", torch.zeros((), dtype=torch.long))
+        self.register_buffer("merges", torch.zeros((), dtype=torch.long))
         self.where = "<unregistered>"
+        self._layer_dtype: torch.dtype | None = None
+        self._last_grads: dict[str, Tensor] = {}
         object.__setattr__(self, "_owner", None)
-        _LIVE.add(self)
+        object.__setattr__(self, "_context_ref", None)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        _LIVE.add(self)
+    @property
+    def _context(self) -> nn.Module | None:
+        """The module the perturbation is being registered on (``None`` when unknown)."""
+        ref = self._context_ref
+        return None if ref is None else ref()
+
+    def _set_context(self, module: nn.Module) -> None:
+        object.__setattr__(self, "_context_ref", weakref.ref(module))
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         own_apply = cls.__dict__.get("apply")
-        if own_apply is not None:
+        if own_apply is not None:  # ``model.apply(fn)`` must keep reaching nn.Module.apply
 
             @functools.wraps(own_apply)
             def apply(self: Perturbation, base: Any) -> Any:
@@ -178,48 +167,176 @@ class Perturbation(nn.Module, abc.ABC):
         """Return :math:`R_B(A)` for the base tensor ``base``."""
 
     @abc.abstractmethod
-    def merge(self) -> MergeResult:
-        """Fold the update into the base tensor (or reject it) and reset to the identity."""
-
-    @abc.abstractmethod
     def validate(self) -> ValidationReport:
         """Measure the invariants of the current (perturbed) tensor."""
 
-    def reject(self, reason: str, figures: Mapping[str, float] | None = None) -> MergeResult:
-        """Drop the pending update: reset to the identity and report a rejected merge.
+    def attach(self, value: Tensor) -> Tensor:
+        """Check the (finite, floating) tensor being registered; return the base to store."""
+        return value
 
-        For use in :meth:`merge` when the update cannot be kept (non-finite,
-        overflowing): the optimizer state of the trainable tensors describes
-        that update, so the result marks it ``state_invalid``.
-        """
+    def propose(self) -> Proposal:
+        """The merged tensor :math:`R_B(A)`, checked by :meth:`check`."""
+        candidate = self.apply(self.base)
+        ok = self.check(candidate)
+        codes = None if ok is True else _codes(ok, Reason.INFEASIBLE_RESULT)
+        return Proposal(candidate=candidate, codes=codes)
+
+    def check(self, candidate: Tensor) -> bool | Tensor:
+        """Whether a candidate lies in the feasible set (per stack element); default ``True``."""
+        return True
+
+    def fold(self, proposal: Proposal, ok: Tensor) -> None:
+        """Write the accepted elements of ``proposal.candidate`` into the base, in place."""
+        if proposal.candidate is None:
+            raise NotImplementedError(f"{type(self).__name__} proposes no candidate: override fold()")
+        base = self.base
+        if ok.ndim == 0:
+            base.copy_(proposal.candidate)
+        else:
+            mask = ok.reshape(*ok.shape, *([1] * (base.ndim - ok.ndim)))
+            base.copy_(torch.where(mask, proposal.candidate.to(base.dtype), base))
+
+    def restart(self, mask: Tensor, folded: bool) -> None:
+        """Return the elements selected by ``mask`` to the identity (after a fold or a drop)."""
         self.identity()
+
+    def correct(self) -> dict[str, float]:
+        """Periodic numerical correction of the base (after every ``correct_every`` merges)."""
+        return {}
+
+    # -------------------------------------------------------------- the cycle
+    @torch.no_grad()
+    def merge(
+        self, *, reset_state: bool | None = None, grads: dict[str, Tensor] | None = None
+    ) -> MergeResult:
+        """Validate and fold the pending update into the base; restart; report.
+
+        Parameters
+        ----------
+        reset_state : bool, optional
+            Whether a restart makes the trainable tensors' optimizer state stale; left
+            out, the family's ``reset_optimizer_state``.
+        grads : dict, optional
+            The trainable tensors' last gradients by name, for families whose restart
+            uses them (handed over by :class:`~p4opt.P4Optimizer`).
+        """
+        self.base  # noqa: B018 - raises a clear error when not registered
+        self._sync_dtype()
+        self._last_grads = grads or {}
+        shape = self._stack_shape()
+        finite = self._finite_update(shape)
+        proposal = self.propose() if bool(finite.any()) else Proposal()
+        codes = torch.zeros(shape, dtype=torch.long)
+        if proposal.codes is not None:
+            codes = proposal.codes.to(torch.long).cpu().expand(shape).clone()
+        codes = torch.where(finite, codes, Reason.NON_FINITE_UPDATE.code)
+        if proposal.candidate is not None:
+            done = _per_element(torch.isfinite(proposal.candidate), len(shape)).cpu()
+            codes = torch.where((codes == 0) & ~done, Reason.NON_FINITE_RESULT.code, codes)
+        ok = codes == 0
+        scale = torch.ones(shape, dtype=torch.float64)
+        if proposal.scale is not None:
+            scale = proposal.scale.to(torch.float64).cpu().expand(shape)
+        corrected = False
+        figures = dict(proposal.figures)
+        if bool(ok.any()):
+            self.fold(proposal, ok.to(self.base.device))
+            self.merges += 1
+            every = self.correct_every
+            if every is not None and int(self.merges) % every == 0:
+                figures.update(self.correct())
+                corrected = True
+        full = ok & (scale >= 1)
+        forced = torch.isin(codes, torch.tensor(_FORCED_DROPS))
+        drop = ~ok & (forced | (self.on_reject == "reset"))
+        if bool(full.any()):
+            self.restart(full.to(self.base.device), folded=True)
+        if bool(drop.any()):
+            self.restart(drop.to(self.base.device), folded=False)
+        policy = self.reset_optimizer_state if reset_state is None else reset_state
+        stale = bool(drop.any()) or (bool(full.any()) and policy)
+        first = codes[codes != 0]
+        if not first.numel() and proposal.cut is not None:
+            first = proposal.cut.cpu()[proposal.cut.cpu() != 0]
         return MergeResult(
-            accepted=False, reason=reason, reset=True, state_invalid=True, figures=figures or {}
+            accepted=bool(full.all()),
+            reason=Reason.from_code(int(first[0])) if first.numel() else Reason.OK,
+            folded=int(full.sum()),
+            partial=int((ok & ~full).sum()),
+            rejected=int((~ok).sum()),
+            scale=float(torch.where(ok, scale, 0.0).amin()) if scale.numel() else 1.0,
+            corrected=corrected,
+            stale=tuple(self.trainable()) if stale else (),
+            dropped=bool(drop.any()),
+            figures=figures,
         )
 
-    def attach(self, value: Tensor) -> Tensor:
-        """Check the tensor being registered and return the base tensor to store.
+    def _finite_update(self, shape: torch.Size) -> Tensor:
+        """Per stack element: whether every trainable tensor is finite there."""
+        finite = torch.ones(shape, dtype=torch.bool)
+        for p in self.trainable():
+            flags = torch.isfinite(p.detach())
+            if len(shape) and p.shape[: len(shape)] == shape:
+                finite &= _per_element(flags, len(shape)).cpu()
+            else:
+                finite &= bool(flags.all())
+        return finite
 
-        Families override this to project onto their feasible set and to
-        initialize bookkeeping. The default accepts any floating tensor.
-        """
-        if not value.is_floating_point():
-            raise TypeError(f"{self.where} must be a floating-point tensor, got {value.dtype}")
-        return value
+    def _stack_shape(self) -> torch.Size:
+        if self.element_ndim is None:
+            return torch.Size()
+        return self.base.shape[: self.base.ndim - self.element_ndim]
+
+    def _sync_dtype(self) -> None:
+        """React to a change of the layer's dtype since registration (see :meth:`dtype_changed`)."""
+        dtype = self.base.dtype
+        if self._layer_dtype is not None and dtype != self._layer_dtype:
+            old, self._layer_dtype = self._layer_dtype, dtype
+            self.dtype_changed(old, dtype)
+
+    def dtype_changed(self, old: torch.dtype, new: torch.dtype) -> None:
+        """Bring the bookkeeping in line after ``module.to(dtype)``; default: nothing."""
 
     # ------------------------------------------------------------- plumbing
     def forward(self, base: Tensor) -> Tensor:
         return self.apply(base)
 
     def right_inverse(self, value: Tensor) -> Tensor:
-        """torch.nn.utils.parametrize hook: see :meth:`attach`."""
-        return self.attach(value)
+        """torch.nn.utils.parametrize hook: checks ``value`` and calls :meth:`attach`."""
+        check_floating(self.where, value)
+        check_finite(self.where, value)
+        base = self.attach(value)
+        self._layer_dtype = value.dtype
+        return base
+
+    def rng(self) -> torch.Generator:
+        """A CPU generator for the next random draw (seeded from ``rng_seed`` and ``rng_draws``)."""
+        generator = torch.Generator().manual_seed(_mix(int(self.rng_seed), int(self.rng_draws)))
+        self.rng_draws += 1
+        return generator
 
     def _bind(self, owner: nn.Module, name: str) -> None:
         object.__setattr__(self, "_owner", owner.parametrizations[name])  # type: ignore[index]
+        self._claim()
 
     def _unbind(self) -> None:
+        for tensor in [*self.trainable(), self._owner.original]:  # type: ignore[union-attr]
+            _forget(tensor)
         object.__setattr__(self, "_owner", None)
+
+    def _claim(self) -> None:
+        """Record this perturbation as the owner of its tensors (read by the optimizer)."""
+        if self._owner is None:
+            return
+        for tensor in self.trainable():
+            _record(tensor, self, "trainable")
+        base = getattr(self._owner, "__dict__", {}).get("_parameters", {}).get("original")
+        if base is not None:  # absent while a deepcopy is still rebuilding the owner
+            _record(base, self, "base")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # deepcopy and pickle
+        super().__setstate__(state)
+        self._claim()
 
     @property
     def is_registered(self) -> bool:
@@ -237,15 +354,15 @@ class Perturbation(nn.Module, abc.ABC):
 
     def trainable(self) -> list[nn.Parameter]:
         """The trainable tensors :math:`B` (the ones whose optimizer state a merge makes stale)."""
-        return [p for p in self.parameters(recurse=False)]
+        return list(self.parameters(recurse=False))
 
     def current(self) -> Tensor:
         """The current perturbed tensor :math:`R_B(A)`."""
         return self.apply(self.base)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Perturbation:
-        # ``model.float()`` must not round float64 bookkeeping: move those buffers to the
-        # target device only, keeping their dtype.
+        # Bookkeeping buffers keep their dtype under ``model.float()``: they get the requested
+        # device move (or ``to_empty``) only.
         order = list(self._buffers)
         saved = {n: self._buffers.pop(n) for n in self.precise_buffers if n in self._buffers}
         try:
@@ -254,14 +371,34 @@ class Perturbation(nn.Module, abc.ABC):
             for name, buf in saved.items():
                 if buf is not None:
                     probe = fn(torch.empty(0, dtype=buf.dtype, device=buf.device))
-                    buf = buf.to(probe.device)
+                    if probe.dtype == buf.dtype:
+                        buf = fn(buf)
+                    elif buf.device.type == "meta" or probe.device.type == "meta":
+                        buf = torch.empty_like(buf, device=probe.device)
+                    else:
+                        buf = buf.to(probe.device)
                 self._buffers[name] = buf
-            self._buffers = {n: self._buffers[n] for n in order}
+            self._buffers = {n: self._buffers[n] for n in order if n in self._buffers}
+        self._claim()
         return self
 
-    # ----------------------------------------------------------- extra state
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # checkpoints of 0.1 hold a generator state (draws now come from buffers) and no draw
+        # or merge counters: ignore the one, keep the current values of the others
+        state_dict.pop(prefix + "_extra_state", None)
+        for name in ("rng_seed", "rng_draws", "merges"):
+            state_dict.setdefault(prefix + name, getattr(self, name))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._claim()
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
+
+def _codes(ok: bool | Tensor, reason: Reason) -> Tensor:
+    ok_t = torch.as_tensor(ok, dtype=torch.bool).cpu()
+    return torch.where(ok_t, 0, reason.code)
+
+
+def _per_element(flags: Tensor, stack_ndim: int) -> Tensor:
+    """``flags.all()`` over each element of a stack with ``stack_ndim`` leading dimensions."""
+    return flags.flatten(stack_ndim).all(-1) if flags.ndim > stack_ndim else flags

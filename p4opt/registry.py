@@ -8,24 +8,32 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from p4opt.exceptions import NotRegisteredError, RegistrationError
+from p4opt.errors import NotRegisteredError, P4TypeError, RegistrationError
 from p4opt.perturbation import Perturbation
 
 __all__ = ["register", "unregister", "perturbation_of", "perturbations"]
 
 
+def _class_name(module: nn.Module) -> str:
+    """The user's class name (not torch's ``Parametrized<Name>`` subclass)."""
+    cls = type(module)
+    if parametrize.is_parametrized(module) and cls.__name__.startswith("Parametrized"):
+        cls = cls.__bases__[0]
+    return cls.__name__
+
+
 def _where(module: nn.Module, name: str) -> str:
-    return f"{type(module).__name__}.{name}"
+    return f"{_class_name(module)}.{name}"
 
 
 def register(module: nn.Module, name: str, perturbation: Perturbation) -> Perturbation:
     """Train ``module.<name>`` through a P⁴ perturbation.
 
-    After the call ``module.<name>`` evaluates :math:`R_B(A)`: the original
-    tensor :math:`A` is frozen (``requires_grad=False``) and stored as
-    ``module.parametrizations.<name>.original``; the perturbation's trainable
-    tensors are parameters of ``module``, so build the optimizer *after*
-    registering.
+    After the call ``module.<name>`` evaluates :math:`R_B(A)`: the original tensor :math:`A`
+    is frozen and stored as ``module.parametrizations.<name>.original``; the perturbation's
+    trainable tensors are parameters of ``module``, so build the optimizer *after*
+    registering. A frozen parameter (``requires_grad=False``) stays frozen: its perturbation's
+    tensors are created frozen too.
 
     Parameters
     ----------
@@ -34,8 +42,7 @@ def register(module: nn.Module, name: str, perturbation: Perturbation) -> Pertur
     name : str
         Name of an ``nn.Parameter`` of ``module`` (e.g. ``"weight"``).
     perturbation : Perturbation
-        A fresh family instance such as ``p4opt.Invertible(rank=1)``; one
-        instance serves one tensor.
+        A fresh family instance such as ``p4opt.Invertible()``; one instance serves one tensor.
 
     Returns
     -------
@@ -45,30 +52,36 @@ def register(module: nn.Module, name: str, perturbation: Perturbation) -> Pertur
     Raises
     ------
     TypeError
-        Wrong argument types.
+        Wrong argument types (including a family class passed instead of an instance).
     RegistrationError
-        The tensor does not exist, is not a parameter, is already
-        parametrized, or the perturbation is already in use.
+        The tensor does not exist, is not a parameter, is already parametrized, or the
+        perturbation is already in use.
     ValueError
         The tensor is not admissible for the family (e.g. singular for
-        :class:`~p4opt.Invertible`); the message names module and parameter.
+        :class:`~p4opt.Invertible`, or NaN entries); the message names module and parameter.
 
     Examples
     --------
     >>> import torch, p4opt
     >>> _ = torch.manual_seed(0)
     >>> lin = torch.nn.Linear(4, 4)
-    >>> pert = p4opt.register(lin, "weight", p4opt.Invertible(rank=1))
+    >>> pert = p4opt.register(lin, "weight", p4opt.Invertible())
     >>> p4opt.perturbation_of(lin, "weight") is pert
     True
     """
     if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        raise P4TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     if not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}")
+        raise P4TypeError(f"name must be a str, got {type(name).__name__}")
+    if isinstance(perturbation, type) and issubclass(perturbation, Perturbation):
+        family = perturbation.__name__
+        raise P4TypeError(
+            f"perturbation must be an instance: pass p4opt.{family}(), not the class p4opt.{family}"
+        )
     if not isinstance(perturbation, Perturbation):
-        raise TypeError(
-            f"perturbation must be a p4opt.Perturbation, got {type(perturbation).__name__}"
+        raise P4TypeError(
+            "perturbation must be a p4opt.Perturbation instance such as p4opt.Invertible(), "
+            f"got {type(perturbation).__name__}"
         )
     where = _where(module, name)
     if perturbation.is_registered:
@@ -78,15 +91,21 @@ def register(module: nn.Module, name: str, perturbation: Perturbation) -> Pertur
         )
     if parametrize.is_parametrized(module, name):
         owner = _find(module, name)
-        what = f"p4opt perturbation on {where}" if owner else f"parametrization on {where}"
-        raise RegistrationError(f"{where} already has a {what}; unregister it first")
+        what = f"a p4opt {type(owner).__name__}" if owner else "a parametrization"
+        raise RegistrationError(
+            f"{where} already has {what}; call p4opt.unregister(module, {name!r}) first"
+        )
     tensor = getattr(module, name, None)
     if not isinstance(tensor, nn.Parameter):
         got = "nothing" if tensor is None else type(tensor).__name__
         raise RegistrationError(f"{where} must be an nn.Parameter, found {got}")
+    trainable = tensor.requires_grad
     perturbation.where = where
+    perturbation._set_context(module)
     parametrize.register_parametrization(module, name, perturbation)
     module.parametrizations[name].original.requires_grad_(False)  # type: ignore[index]
+    for param in perturbation.trainable():
+        param.requires_grad_(trainable)
     perturbation._bind(module, name)
     return perturbation
 
@@ -131,10 +150,10 @@ def perturbations(model: nn.Module) -> Iterator[tuple[str, Perturbation]]:
 def unregister(module: nn.Module, name: str) -> nn.Parameter:
     """Remove the perturbation and leave the current tensor :math:`R_B(A)` as a plain parameter.
 
-    The pending update is kept exactly (the resulting parameter equals
-    ``module.<name>`` before the call), no validation can reject it, and the
-    parameter object is the original one (``requires_grad`` restored), so an
-    optimizer built on the unregistered model keeps working.
+    The pending update is kept exactly (the resulting parameter equals ``module.<name>``
+    before the call), no validation can reject it, and the parameter object is the original
+    one with its ``requires_grad`` flag as it was before :func:`register`, so an optimizer
+    built on the unregistered model keeps working.
 
     Returns
     -------
@@ -142,9 +161,10 @@ def unregister(module: nn.Module, name: str) -> nn.Parameter:
         The plain parameter now stored as ``module.<name>``.
     """
     pert = perturbation_of(module, name)
+    trainable = any(p.requires_grad for p in pert.trainable())
+    pert._unbind()
     with torch.no_grad():
         parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-    pert._unbind()
     param = getattr(module, name)
-    param.requires_grad_(True)
+    param.requires_grad_(trainable)
     return param

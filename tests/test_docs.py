@@ -99,16 +99,17 @@ def test_quickstart_snippet_runs_and_keeps_the_layer_invertible() -> None:
     assert report.ok and report.figures["inverse_error"] < 1e-9
     stats = namespace["opt"].stats
     assert stats["steps"] == 300
-    cycles = 300 // p4opt.Invertible.default_merge_every
-    assert stats["merges_accepted"] + stats["merges_rejected"] == cycles
-    assert stats["merges_accepted"] >= 25
+    merges = stats["merges_accepted"] + stats["merges_partial"] + stats["merges_rejected"]
+    assert merges == 300  # the default: a merge after every step
+    assert stats["merges_accepted"] >= 270
     # training helped: below the loss of predicting zero
     loss, target = namespace["loss"], namespace["target"]
     assert loss.item() < 0.85 * target.square().mean().item()
     # the printed reconstruction is the inverse of the trained layer
     x, x_back = namespace["x"], namespace["x_back"]
-    assert (x_back - x).abs().max().item() < 1e-4
     weight = namespace["model"][0].weight.detach().double()
+    cond = torch.linalg.cond(weight).item()  # float32 solve: error ~ eps * cond * |x|
+    assert (x_back - x).abs().max().item() < 10 * cond * 1.2e-7 * x.abs().max().item()
     assert abs(namespace["pert"].logabsdet().item() - torch.linalg.slogdet(weight)[1].item()) < 1e-4
 
 
@@ -160,7 +161,7 @@ def test_custom_example_trains_and_keeps_its_property(example: ModuleType) -> No
     assert (lin.weight.detach().diagonal() / d - 1).abs().max().item() < 0.03
     assert loss.item() < 1e-3 * first
     report = pert.validate()
-    assert report.ok and report.figures == {"off_diagonal": 0.0, "nonpositive": 0.0}
+    assert report.ok and report.figures == {"off_diagonal": 0.0}
 
 
 def test_custom_example_merge_keeps_outputs_and_rejects_underflow(example: ModuleType) -> None:
@@ -174,7 +175,8 @@ def test_custom_example_merge_keeps_outputs_and_rejects_underflow(example: Modul
     with torch.no_grad():
         pert.s.fill_(-1e4)  # exp underflows to 0: the diagonal would stop being positive
     result = pert.merge()
-    assert not result.accepted and torch.equal(pert.base, base) and torch.count_nonzero(pert.s) == 0
+    assert not result.accepted and result.reason is p4opt.Reason.INFEASIBLE_RESULT
+    assert torch.equal(pert.base, base) and torch.count_nonzero(pert.s) == 0
 
 
 def test_custom_example_refuses_a_nonpositive_diagonal(example: ModuleType) -> None:

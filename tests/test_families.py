@@ -23,8 +23,9 @@ from p4opt import linalg
 N = 6
 
 FAMILIES: dict[str, Callable[[], p4opt.Perturbation]] = {
-    "invertible-rank1": lambda: p4opt.Invertible(rank=1, seed=1),
-    "invertible-rank3": lambda: p4opt.Invertible(rank=3, seed=1),
+    "invertible": lambda: p4opt.Invertible(seed=1),  # projected, rank n: exact steps
+    "invertible-factored-rank1": lambda: p4opt.Invertible(update="factored", rank=1, seed=1),
+    "invertible-factored-rank3": lambda: p4opt.Invertible(update="factored", rank=3, seed=1),
     "orthogonal-householder": lambda: p4opt.Orthogonal("householder", rank=4, seed=1),
     "orthogonal-givens": lambda: p4opt.Orthogonal("givens", seed=1),
     "symmetric": lambda: p4opt.Symmetric(seed=1),

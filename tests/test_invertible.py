@@ -16,7 +16,7 @@ def _layer(n=8, dtype=torch.float64, rank=1, seed=0, **kw):
     lin = torch.nn.Linear(n, n, dtype=dtype)
     with torch.no_grad():
         lin.weight.copy_(random_invertible(n, dtype=dtype, seed=seed))
-    pert = p4opt.register(lin, "weight", p4opt.Invertible(rank=rank, seed=seed, **kw))
+    pert = p4opt.register(lin, "weight", p4opt.Invertible(update="factored", rank=rank, seed=seed, **kw))
     return lin, pert
 
 
@@ -87,12 +87,29 @@ def test_gradcheck_weight_logabsdet_inverse_and_solve():
     assert all((a - b).abs().max() < 1e-10 for a, b in zip(grads, ref, strict=True))
 
 
-def test_rejected_merge_leaves_everything_bit_for_bit():
+def test_update_outside_bounds_is_cut_back_without_a_jump():
     lin, pert = _layer(update_logdet_bounds=(-0.5, 0.5))
     _perturb(pert, scale=2.0)  # a large update
+    x = torch.randn(5, 8, dtype=torch.float64)
+    before, lad = lin(x).detach(), pert.logabsdet().detach()
+    result = pert.merge()
+    assert not result.accepted and result.partial == 1 and 0 < result.scale < 1
+    assert result.reason is p4opt.Reason.UPDATE_BOUNDS
+    assert -0.5 <= result.figures["update_logabsdet"] <= 0.5
+    assert (lin(x) - before).abs().max() < 1e-12  # the rest of the update is still pending
+    assert abs(float(pert.logabsdet() - lad)) < 1e-12
+    assert torch.count_nonzero(pert.U) > 0 and pert.validate().ok
+
+
+@pytest.mark.parametrize("on_reject", ["keep", "reset"])
+def test_unfoldable_merge_leaves_everything_bit_for_bit(on_reject):
+    # the base itself violates logdet_bounds, so no fraction of the update can be folded
+    lin, pert = _layer(logdet_bounds=(50.0, 60.0), on_reject=on_reject)
+    _perturb(pert, scale=0.1)
+    u = pert.U.detach().clone()
     snapshot = {k: v.clone() for k, v in lin.state_dict().items() if isinstance(v, torch.Tensor)}
     result = pert.merge()
-    assert not result.accepted and "outside bounds" in result.reason
+    assert result.rejected == 1 and result.reason is p4opt.Reason.LOGDET_BOUNDS
     for key in (
         "parametrizations.weight.original",
         "parametrizations.weight.0.inv",
@@ -100,15 +117,10 @@ def test_rejected_merge_leaves_everything_bit_for_bit():
         "parametrizations.weight.0.sign_base",
     ):
         assert torch.equal(lin.state_dict()[key], snapshot[key]), key
-    assert torch.count_nonzero(pert.U) == 0  # on_reject="reset" drops the update
-
-
-def test_on_reject_keep_keeps_the_update():
-    lin, pert = _layer(update_logdet_bounds=(-0.5, 0.5), on_reject="keep")
-    _perturb(pert, scale=2.0)
-    u = pert.U.detach().clone()
-    assert not pert.merge().accepted
-    assert torch.equal(pert.U.detach(), u)
+    if on_reject == "keep":
+        assert torch.equal(pert.U.detach(), u) and result.stale == ()
+    else:
+        assert torch.count_nonzero(pert.U) == 0 and result.stale == tuple(pert.trainable())
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -130,7 +142,7 @@ def test_stack_matches_per_matrix_results_and_rejects_elementwise():
     stack = random_invertible(3, batch=(6,))
     holder = torch.nn.Module()
     holder.weight = torch.nn.Parameter(stack.clone())
-    pert = p4opt.register(holder, "weight", p4opt.Invertible(rank=1, seed=0))
+    pert = p4opt.register(holder, "weight", p4opt.Invertible(update="factored", rank=1, seed=0))
     assert pert.U.shape == (6, 3, 1)
     _perturb(pert, scale=0.1)
     with torch.no_grad():
@@ -143,7 +155,7 @@ def test_stack_matches_per_matrix_results_and_rejects_elementwise():
     x = pert.solve(y)
     assert (torch.einsum("lij,blj->bli", w[keep], x[:, keep]) - y[:, keep]).abs().max() < 1e-12
     result = pert.merge()
-    assert not result.accepted and result.figures["rejected"] == 1
+    assert not result.accepted and result.rejected == 1
     assert torch.equal(holder.parametrizations.weight.original[4], stack[4])
     assert (holder.weight.detach()[keep] - w[keep]).abs().max() < 1e-13
     assert pert.validate().ok
@@ -179,7 +191,7 @@ def test_registration_errors_name_the_parameter():
     with pytest.raises(ValueError, match="rank"):
         p4opt.Invertible(rank=0)
     with pytest.raises(ValueError, match="exceeds"):
-        p4opt.register(torch.nn.Linear(2, 2), "weight", p4opt.Invertible(rank=3))
+        p4opt.register(torch.nn.Linear(2, 2), "weight", p4opt.Invertible(update="factored", rank=3))
     with pytest.raises(TypeError, match="dtype"):
         p4opt.Invertible(dtype=torch.int64)
     with pytest.raises(ValueError, match="low < high"):

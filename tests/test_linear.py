@@ -125,7 +125,7 @@ def test_merge_leaves_outputs_unchanged(name: str) -> None:
     x = _inputs(module, torch.float64)
     before = module(x)
     result = pert.merge()
-    assert result.accepted and not result.reset
+    assert result.accepted and result.stale == ()  # z keeps its coordinates: state stays
     assert float(pert.z.detach().abs().max()) == 0.0
     assert torch.allclose(module(x), before, atol=1e-12, rtol=0)
 
@@ -194,7 +194,7 @@ def test_rejected_merge_leaves_base_bit_for_bit() -> None:
     with torch.no_grad():
         pert.z[0] = float("nan")
     result = pert.merge()
-    assert not result.accepted and result.reset
+    assert not result.accepted and result.dropped and result.stale == (pert.z,)
     assert torch.equal(pert.base, before)
     assert torch.isfinite(pert.z).all()
 

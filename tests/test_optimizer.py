@@ -39,7 +39,7 @@ class TwoBranch(torch.nn.Module):
 
 def _registered(seed=0, **kw):
     model = TwoBranch(seed=seed)
-    pert = p4opt.register(model.inv, "weight", p4opt.Invertible(seed=7, **kw))
+    pert = p4opt.register(model.inv, "weight", p4opt.Invertible(update="factored", seed=7, **kw))
     return model, pert
 
 
@@ -71,7 +71,7 @@ def test_unregistered_parameters_follow_the_plain_optimizer_exactly(name):
 def test_merge_resets_state_of_merged_tensors_only():
     model, pert = _registered()
     other = torch.nn.Linear(6, 6, dtype=torch.float64)
-    other_pert = p4opt.register(other, "weight", p4opt.Invertible(seed=3))
+    other_pert = p4opt.register(other, "weight", p4opt.Invertible(update="factored", seed=3))
     other_pert.default_merge_every = 1000
     params = list(model.parameters()) + list(other.parameters())
     opt = p4opt.P4Optimizer(torch.optim.Adam(params, lr=1e-3), reset_state=True)
@@ -165,7 +165,14 @@ def test_forced_merge_and_stats():
     _train(model, opt, 5)
     results = opt.merge()
     assert [where for where, _ in results] == ["Linear.weight"]
-    assert opt.stats == {"steps": 5, "merges_accepted": 1, "merges_rejected": 0, "corrections": 0}
+    assert opt.stats == {
+        "steps": 5,
+        "merges_accepted": 1,
+        "merges_partial": 0,
+        "merges_rejected": 0,
+        "corrections": 0,
+        "steps_skipped": 0,
+    }
     assert opt.last_results == results
 
 
@@ -208,7 +215,7 @@ def test_regression_with_invertible_weight_converges():
     lin = torch.nn.Linear(n, n, bias=False, dtype=torch.float64)
     with torch.no_grad():
         lin.weight.copy_(torch.eye(n, dtype=torch.float64))
-    pert = p4opt.register(lin, "weight", p4opt.Invertible(rank=4, seed=0))
+    pert = p4opt.register(lin, "weight", p4opt.Invertible(update="factored", rank=4, seed=0))
     opt = p4opt.P4Optimizer(torch.optim.Adam(lin.parameters(), lr=3e-2), merge_every=10)
     initial = float((lin(x) - y).square().mean().detach())
     for _ in range(1000):

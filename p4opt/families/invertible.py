@@ -1,4 +1,4 @@
-r"""P⁴Inv: invertible matrices trained through low-rank updates :math:`A + U V^T`."""
+r"""P⁴Inv: invertible matrices with an exactly tracked inverse and log-determinant."""
 
 from __future__ import annotations
 
@@ -8,122 +8,113 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from p4opt import _lowrank_merge as lowrank
 from p4opt import linalg
 from p4opt._typing import Tensor
-from p4opt.exceptions import ShapeError, SingularMatrixError, describe
-from p4opt.perturbation import MergeResult, Perturbation, ValidationReport
+from p4opt._validate import check_bounds, check_choice, check_dtype, check_int, check_number
+from p4opt.errors import ShapeError, SingularMatrixError, describe
+from p4opt.families.invertible_updates import Factored, Projected, UpdateRule
+from p4opt.perturbation import Perturbation, Proposal, ValidationReport
 
-__all__ = ["Invertible"]
+__all__ = ["Invertible", "default_rank"]
 
 Bounds = tuple[float, float]
-_NON_FINITE, _SINGULAR, _UPDATE_BOUNDS, _OVERFLOW = (
-    linalg.MERGE_REJECTIONS.index(reason)
-    for reason in (
-        "non-finite update", "singular update", "update log|det| outside bounds",
-        "non-finite merged matrix",
-    )
-)
 
 
-def _check_bounds(name: str, bounds: Bounds | None) -> Bounds:
-    if bounds is None:
-        return (-math.inf, math.inf)
-    lo, hi = (float(b) for b in bounds)
-    if not lo < hi:
-        raise ValueError(f"{name} must be (low, high) with low < high, got {bounds!r}")
-    return lo, hi
+def default_rank(n: int) -> int:
+    """Default rank of :class:`Invertible`'s merged updates for matrices of size ``n``.
+
+    The whole change for ``n <= 16``; above, a quarter of ``n`` (at least 16).
+
+    Examples
+    --------
+    >>> [default_rank(n) for n in (2, 16, 64, 256, 1024)]
+    [2, 16, 16, 64, 256]
+    """
+    return n if n <= 16 else max(16, n // 4)
 
 
 class Invertible(Perturbation):
     r"""Invertible square matrices with an exactly tracked inverse and log-determinant (P⁴Inv).
 
-    .. math::
+    The base :math:`A` keeps :math:`A^{-1}` and :math:`\log|\det A|` with its sign in
+    ``dtype`` (float64 by default, also for float32 layers, whose base then has a float64
+    master copy). A merge folds a rank-k update :math:`UV^T` exactly:
 
-        R_{U,V}(A) = A + U V^T, \qquad U, V \in \mathbb{R}^{n \times k}
+    .. math:: (A + UV^T)^{-1} = A^{-1} - A^{-1}U\,C^{-1} V^T A^{-1}, \qquad
+              \det(A + UV^T) = \det C \cdot \det A, \qquad C = I_k + V^T A^{-1} U .
 
-    with identity :math:`U = 0` (``V`` redrawn from the perturbation's
-    generator at every reset). The base keeps :math:`A^{-1}` and
-    :math:`\log|\det A|` with its sign in ``dtype`` (float64 by default, also
-    for float32 layers, whose base is then also kept in float64 and rounded
-    into the layer). The current matrix's inverse follows from Woodbury,
+    Two update rules (``update``):
 
-    .. math:: (A + UV^T)^{-1} = A^{-1} - A^{-1}U\,C^{-1} V^T A^{-1},
-              \qquad C = I_k + V^T A^{-1} U,
+    ``"projected"`` (default)
+        The optimizer trains a dense pending change :math:`\Delta` (zero at the identity) with
+        its usual state; each merge, after every step by default, folds the best rank-k part
+        of :math:`\Delta` (randomized range finder) and discards the rest. Learns like a dense
+        weight when ``k`` is a fair fraction of ``n``; optimizer state :math:`n^2`.
+    ``"factored"``
+        :math:`A + UV^T` with ``U`` (zero at the identity) and ``V`` (redrawn, or aligned with
+        its last gradient) trained directly: :math:`2nk` numbers of optimizer state, for very
+        large ``n``; each merge cycle moves the matrix in ``k`` directions only.
 
-    and its determinant from the determinant lemma
-    :math:`\det(A + UV^T) = \det C \cdot \det A`.
+    A merge whose update would leave the bounds below is cut back to the largest fraction
+    :math:`t \in (0, 1]` that keeps it inside (a *partial* merge; with ``"factored"`` the
+    remaining :math:`(1-t)UV^T` stays pending, so the layer's function never jumps).
 
-    Costs (``B`` vectors, ``k`` rank): forward :math:`O(Bn^2 + n^2k)`;
-    :meth:`logabsdet` :math:`O(n^2 k)`; :meth:`solve` :math:`O(Bn^2)`; merge
-    :math:`O(n^2 k)`; a correction every ``correct_every`` merges
-    :math:`O(n^3)`. Nothing cubic runs per step.
+    A tensor of shape ``(*, n, n)`` is a stack of matrices, each merged and validated on its
+    own; a 1×1 convolution weight ``(c, c, 1, ...)`` is one ``c × c`` channel-mixing matrix.
+
+    Costs (``B`` vectors, rank ``k``): forward :math:`O(Bn^2)`; :meth:`logabsdet`
+    :math:`O(n^2)` (projected) or :math:`O(n^2k)`; :meth:`solve` :math:`O(Bn^2)`; merge
+    :math:`O(n^2k)`; a correction every ``correct_every`` merges :math:`O(n^3)`.
 
     Parameters
     ----------
-    rank : int
-        Rank ``k >= 1`` of the update (1 is the P⁴Inv paper's case).
+    rank : int, optional
+        Rank ``k`` of each merged update; default :func:`default_rank` of ``n``.
+    update : {"projected", "factored"}
+        The update rule (see above).
     correct_every : int or None
-        Every this many accepted merges, refine the stored inverse by an
-        iterative step (see ``refine_order``) and recompute log|det| by LU.
-        ``None`` disables corrections.
-    update_logdet_bounds : (float, float) or None
-        A merge is rejected when :math:`\log|\det C|` leaves these bounds
-        (the inverse update amplifies errors by up to :math:`1/|\det C|` for
-        rank one). Default :math:`(-2k, 2k)`: a rank-k update may change the
-        volume by :math:`e^{\pm 2}` per direction.
+        Every this many merges, refine the stored inverse by an iterative step
+        (``refine_order``) and recompute log|det| by LU. ``None`` disables corrections.
+    update_logdet_bounds : (float, float), optional
+        Bounds on :math:`\log|\det C|` of one merged update; default :math:`(-2k, 2k)`.
     max_update_condition : float
-        A merge is also rejected when the 2-norm condition number of
-        :math:`C` exceeds this (rank > 1 only): the Woodbury update amplifies
-        rounding by at most about this factor, harmless at float64 with
-        periodic refinement. A tighter :math:`e^4` rejected 9 of 100 useful
-        merges when fitting a map of condition 1.4e3 and left the loss 6000×
-        higher.
-    logdet_bounds : (float, float) or None
-        A merge is rejected when the new :math:`\log|\det A|` leaves these bounds.
+        Largest 2-norm condition number of :math:`C` (the factor by which the Woodbury
+        update can amplify rounding).
+    logdet_bounds : (float, float), optional
+        Bounds on :math:`\log|\det A|` after the merge.
     refine_order : int
-        Order of the iterative inverse step: 2 is Newton–Schulz, 3 or more a
-        higher-order hyperpower step.
-    on_reject : {"reset", "keep"}
-        After a rejected merge, drop the update (``"reset"``, the paper's
-        choice; the layer's output jumps back to :math:`A`) or keep training it
-        (``"keep"``). A non-finite update is always dropped.
+        Order of the iterative inverse step: 2 is Newton–Schulz, 3 or more a hyperpower step.
+    on_reject : {"keep", "reset"}
+        A finite update that cannot be folded even in part is kept pending (default) or
+        dropped.
     restart : {"random", "gradient"}
-        How ``V`` restarts after an accepted merge. ``"random"`` (default, the
-        paper's choice): redrawn from the generator. ``"gradient"``: along an
-        orthonormal basis of the last gradient of ``V``, which, with ``U``
-        accumulated over the cycle, is one power-iteration step towards the
-        top right singular vectors of the weight's gradient (the directions
-        the next cycle most needs); random where there is no usable gradient
-        (registration, rejected merges, ``merge()`` outside ``step()``).
-        Measured on Gaussian maximum likelihood, n = 64 (Adam, lr 3e-2): with
-        ``"gradient"`` rank 32 reached relative loss 1e-4 in 110 steps instead
-        of 191, rank 16 (merges every 5) in 198 instead of 332; at rank 1 and
-        4, and in the 2×2 flow, it was no better or worse, hence the default.
-        Use it for wide updates (``rank >= n / 4``).
+        ``"factored"`` only: how ``V`` restarts after a merge.
+    power_iters : int
+        ``"projected"`` only: power iterations of the range finder.
     init_scale : float, optional
-        Standard deviation of the redrawn ``V``; default :math:`1/\sqrt{k}`, so
-        that an Adam step changes each entry of :math:`UV^T` by about ``lr``
-        whatever the rank (as for a plain weight).
+        ``"factored"`` only: standard deviation of a redrawn ``V``; default :math:`1/\sqrt k`.
     dtype : torch.dtype
         Bookkeeping precision.
     max_condition : float
         Registration fails for a matrix whose 1-norm condition number exceeds this.
     seed : int, optional
-        Seed of the generator that redraws ``V``.
+        Seed of the perturbation's random draws.
 
-    Attributes
+    References
     ----------
-    U, V : torch.nn.Parameter, shape (n, k)
-        The trainable factors, in the layer's dtype.
-    inv : Tensor, shape (n, n)
-        :math:`A^{-1}` in ``dtype``.
+    .. [1] A. Krämer et al., "Training invertible linear layers through rank-one
+       perturbations" (P⁴Inv), 2020.
+    .. [2] W. W. Hager, "Updating the inverse of a matrix", SIAM Review 31 (1989).
+    .. [3] N. Halko, P.-G. Martinsson, J. A. Tropp, "Finding structure with randomness",
+       SIAM Review 53 (2011).
 
     Examples
     --------
     >>> import torch, p4opt
     >>> _ = torch.manual_seed(0)
     >>> lin = torch.nn.Linear(6, 6, dtype=torch.float64)
-    >>> pert = p4opt.register(lin, "weight", p4opt.Invertible(rank=2))
+    >>> pert = p4opt.register(lin, "weight", p4opt.Invertible(update="factored", rank=2))
     >>> with torch.no_grad():
     ...     _ = pert.U.normal_(std=0.1)
     >>> w = lin.weight
@@ -135,78 +126,109 @@ class Invertible(Perturbation):
     True
     """
 
-    default_merge_every: ClassVar[int] = 10
-    #: Keeping Adam's moments across merges measured far better than dropping them: fitting a
-    #: 16×16 map (cond ≈ 1.4e3) to 1500 Adam steps, rank 4, merges every 10 steps, reached a
-    #: relative loss of 2e-13 (kept) versus 7e-3 (dropped: each restart takes lr-sized steps).
     reset_optimizer_state: ClassVar[bool] = False
     precise_buffers: ClassVar[tuple[str, ...]] = (
         "inv",
         "precise_base",
         "sign_base",
         "logabsdet_base",
+        "basis",
     )
 
     def __init__(
         self,
-        rank: int = 1,
+        rank: int | None = None,
         *,
+        update: Literal["projected", "factored"] = "projected",
         correct_every: int | None = 50,
         update_logdet_bounds: Bounds | None = None,
         max_update_condition: float = 1e3,
         logdet_bounds: Bounds | None = None,
         refine_order: int = 2,
-        on_reject: Literal["reset", "keep"] = "reset",
+        on_reject: Literal["keep", "reset"] = "keep",
         restart: Literal["random", "gradient"] = "random",
+        power_iters: int = 1,
         init_scale: float | None = None,
         dtype: torch.dtype = torch.float64,
         max_condition: float = 1e12,
         seed: int | None = None,
     ) -> None:
-        super().__init__(seed=seed)
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be an int >= 1, got {rank!r}")
-        if correct_every is not None and (not isinstance(correct_every, int) or correct_every < 1):
-            raise ValueError(f"correct_every must be a positive int or None, got {correct_every!r}")
-        if on_reject not in ("reset", "keep"):
-            raise ValueError(f"on_reject must be 'reset' or 'keep', got {on_reject!r}")
-        if not isinstance(refine_order, int) or refine_order < 2:
-            raise ValueError(f"refine_order must be an int >= 2, got {refine_order!r}")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-        self.rank = rank
-        self.correct_every = correct_every
-        if update_logdet_bounds is None:
-            update_logdet_bounds = (-2.0 * rank, 2.0 * rank)
-        self.update_logdet_bounds = _check_bounds("update_logdet_bounds", update_logdet_bounds)
-        if not max_update_condition >= 1:
-            raise ValueError(f"max_update_condition must be >= 1, got {max_update_condition!r}")
-        self.max_update_condition = float(max_update_condition)
-        self.logdet_bounds = _check_bounds("logdet_bounds", logdet_bounds)
-        self.refine_order = refine_order
-        self.on_reject = on_reject
-        if restart not in ("gradient", "random"):
-            raise ValueError(f"restart must be 'gradient' or 'random', got {restart!r}")
-        self.restart = restart
-        self.init_scale = rank**-0.5 if init_scale is None else float(init_scale)
-        self.dtype = dtype
-        self.max_condition = float(max_condition)
+        super().__init__(seed=seed, correct_every=correct_every, on_reject=on_reject)
+        self.rank = None if rank is None else check_int("rank", rank, minimum=1)
+        self.update = check_choice("update", update, ("projected", "factored"))
+        self._bounds_given = update_logdet_bounds
+        self.update_logdet_bounds = check_bounds("update_logdet_bounds", update_logdet_bounds)
+        self.max_update_condition = check_number(
+            "max_update_condition", max_update_condition, minimum=1
+        )
+        self.logdet_bounds = check_bounds("logdet_bounds", logdet_bounds)
+        self.refine_order = check_int("refine_order", refine_order, minimum=2)
+        self.restart_rule = check_choice("restart", restart, ("random", "gradient"))
+        self.power_iters = check_int("power_iters", power_iters, minimum=0)
+        self._init_scale = None if init_scale is None else check_number(
+            "init_scale", init_scale, positive=True
+        )
+        self.dtype = check_dtype("dtype", dtype)
+        self.max_condition = check_number("max_condition", max_condition, minimum=1)
+        self.wants_gradients = update == "factored" and restart == "gradient"
+        self.rule: UpdateRule = Projected(self) if update == "projected" else Factored(self)
+        self.default_merge_every = self.rule.merge_every
         self._cast_cache: dict[Any, tuple[int, Tensor]] = {}
+        self._conv = False
+
+    @property
+    def init_scale(self) -> float:
+        return self.rank**-0.5 if self._init_scale is None else self._init_scale  # type: ignore[operator]
 
     # ------------------------------------------------------------ registration
     def attach(self, value: Tensor) -> Tensor:
-        """Check that ``value`` is square (or a stack) and invertible; set up the bookkeeping."""
-        if not isinstance(value, Tensor) or not value.is_floating_point():
-            raise TypeError(f"{self.where} must be a floating-point tensor, got {describe(value)}")
+        """Check that ``value`` is square (a stack, or a 1×1 conv weight) and invertible."""
+        matrix = self._as_matrix(value.detach())
+        n = matrix.shape[-1]
+        if self.rank is None:
+            self.rank = default_rank(n)
+        if self.rank > n and self.update == "factored":
+            raise ShapeError(f"rank {self.rank} exceeds the size {n} of {self.where}")
+        if self._bounds_given is None:
+            k = min(self.rank, n)
+            self.update_logdet_bounds = (-2.0 * k, 2.0 * k)
+        matrix = matrix.to(self.dtype)
+        if matrix.device.type == "meta":
+            inv, sign, logabsdet = matrix.clone(), matrix[..., 0, 0], matrix[..., 0, 0]
+        else:
+            inv, sign, logabsdet = self._check_invertible(matrix)
+        self._init_state(value, matrix, inv, sign, logabsdet)
+        return value
+
+    def _as_matrix(self, value: Tensor) -> Tensor:
+        """The (*, n, n) matrix view of a registered tensor (see the class doc)."""
+        context = self._context
+        is_conv = isinstance(context, nn.modules.conv._ConvNd)
+        if is_conv and value.ndim >= 3 and all(s == 1 for s in value.shape[2:]):
+            if value.shape[0] != value.shape[1]:
+                raise ShapeError(
+                    f"Invertible needs as many output as input channels, but {self.where} is a "
+                    f"{describe(value)}"
+                )
+            self._conv = True
+            return value.reshape(value.shape[0], value.shape[1])
+        if is_conv:
+            raise ShapeError(
+                f"{self.where} is a convolution weight with kernel {tuple(value.shape[2:])}: "
+                "Invertible treats only 1x1 kernels, as one channel-mixing matrix (use "
+                "p4opt.nn.InvertibleConv1x1); a larger kernel has no inverse of this form"
+            )
         if value.ndim < 2 or value.shape[-1] != value.shape[-2]:
             raise ShapeError(
                 "Invertible needs a square matrix (n, n) or a stack (*, n, n), but "
                 f"{self.where} is a {describe(value)}"
             )
-        n = value.shape[-1]
-        if self.rank > n:
-            raise ValueError(f"rank {self.rank} exceeds the size {n} of {self.where}")
-        matrix = value.detach().to(self.dtype)
+        return value
+
+    def _as_weight(self, matrix: Tensor) -> Tensor:
+        return matrix.reshape(self.base.shape) if self._conv else matrix
+
+    def _check_invertible(self, matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         inv, info = torch.linalg.inv_ex(matrix)
         sign, logabsdet = torch.linalg.slogdet(matrix)
         cond = torch.linalg.matrix_norm(matrix, 1) * torch.linalg.matrix_norm(inv, 1)
@@ -220,23 +242,17 @@ class Invertible(Perturbation):
                 f"{self.where} is numerically singular (1-norm condition number {worst:.2e} > "
                 f"max_condition={self.max_condition:.1e}); start from a better-conditioned matrix"
             )
-        self._init_state(value, matrix, inv, sign, logabsdet)
-        return value
+        return inv, sign, logabsdet
 
     def _init_state(
         self, value: Tensor, matrix: Tensor, inv: Tensor, sign: Tensor, logabsdet: Tensor
     ) -> None:
-        factor_shape = (*value.shape[:-1], self.rank)
         precise = matrix.clone() if value.dtype != self.dtype else None
-        if "U" not in self._parameters:
-            like = dict(dtype=value.dtype, device=value.device)
-            self.U = nn.Parameter(torch.zeros(factor_shape, **like))
-            self.V = nn.Parameter(torch.zeros(factor_shape, **like))
+        if "inv" not in self._buffers:
             self.register_buffer("inv", inv)
             self.register_buffer("precise_base", precise)
             self.register_buffer("sign_base", sign)
             self.register_buffer("logabsdet_base", logabsdet)
-            self.register_buffer("merges", torch.zeros((), dtype=torch.long))
         else:  # ``module.weight = X`` on a registered module: same shapes, new values
             with torch.no_grad():
                 self.inv.copy_(inv)
@@ -244,80 +260,56 @@ class Invertible(Perturbation):
                 self.logabsdet_base.copy_(logabsdet)
                 if precise is not None:
                     self.precise_base.copy_(precise)
+        self.rule.create(value, matrix.shape[:-2], matrix.shape[-1])
         self.identity()
 
     # ---------------------------------------------------------------- contract
     def identity(self) -> None:
-        """Set ``U = 0`` and redraw ``V`` from the perturbation's generator."""
-        self._reset(torch.ones((), dtype=torch.bool))
-
-    @torch.no_grad()
-    def _reset(self, mask: Tensor, along: Tensor | None = None) -> None:
-        """Return the stack elements selected by the boolean ``mask`` to the identity.
-
-        ``V`` is redrawn from the generator, or, where ``along`` (the last gradient of
-        ``V``) is finite and nonzero, set to an orthonormal basis of its columns scaled
-        to the norm of a random draw.
-        """
-        fresh = torch.randn(self.V.shape, generator=self.generator, dtype=torch.float64)
-        fresh = fresh.mul_(self.init_scale)
-        if along is not None:
-            along = along.detach().to(torch.float64)
-            usable = torch.isfinite(along).all(-1).all(-1) & (along.abs().amax((-2, -1)) > 0)
-            basis = torch.linalg.qr(torch.where(usable[..., None, None], along, fresh)).Q
-            scaled = basis * (self.init_scale * along.shape[-2] ** 0.5)
-            fresh = torch.where(usable[..., None, None], scaled, fresh)
-        fresh = fresh.to(self.V)
-        mask = mask.to(self.V.device)[..., None, None]
-        self.U.copy_(torch.where(mask, torch.zeros_like(self.U), self.U))
-        self.V.copy_(torch.where(mask, fresh, self.V))
+        """Return every matrix of the stack to its base (the pending update is dropped)."""
+        self.rule.restart(torch.ones(self.inv.shape[:-2], dtype=torch.bool), folded=False)
 
     def apply(self, base: Tensor) -> Tensor:
-        """:math:`A + U V^T` in the layer's dtype; cost :math:`O(n^2 k)` per matrix."""
-        if base.ndim == 2:
-            return torch.addmm(base, self.U, self.V.mT)
-        return base + self.U @ self.V.mT
+        """:math:`A + \\Delta` (or :math:`A + UV^T`) in the layer's dtype."""
+        if not self._conv:
+            return self.rule.apply(base)
+        c = base.shape[0]
+        return self.rule.apply(base.reshape(c, c)).reshape(base.shape)
 
-    def _factors(self) -> tuple[Tensor, Tensor]:
-        return self.U.to(self.dtype), self.V.to(self.dtype)
+    def _stack_shape(self) -> torch.Size:
+        return self.inv.shape[:-2]
 
     def _matrix(self) -> Tensor:
-        """The base matrix :math:`A` at bookkeeping precision."""
-        return self.precise_base if self.precise_base is not None else self.base
+        """The base matrix :math:`A` at bookkeeping precision, shape (*, n, n)."""
+        self._sync_dtype()
+        if self.precise_base is not None:
+            return self.precise_base
+        base = self.base
+        return base.reshape(self.inv.shape) if self._conv else base
 
     # ------------------------------------------------------------ user methods
     def logabsdet(self) -> Tensor:
-        r""":math:`\log|\det(A + UV^T)|`, differentiable in ``U`` and ``V``.
-
-        Returns a 0-dim tensor in the bookkeeping dtype; cost :math:`O(n^2 k)`.
-        """
-        u, v = self._factors()
-        return linalg.lemma_slogdet(self.inv, u, v, self.sign_base, self.logabsdet_base)[1]
+        r""":math:`\log|\det W|` of the current matrix :math:`W`, differentiable; shape (*)."""
+        return self.rule.logabsdet()
 
     def sign(self) -> Tensor:
-        r"""Sign of :math:`\det(A + UV^T)` (``+1.`` or ``-1.``), a 0-dim tensor."""
+        r"""Sign of :math:`\det W` (``+1.`` or ``-1.``), shape (*)."""
         with torch.no_grad():
-            u, v = self._factors()
-            return linalg.lemma_slogdet(self.inv, u, v, self.sign_base, self.logabsdet_base)[0]
+            if self.update == "factored":
+                u, v = self.rule.factors()
+                return linalg.lemma_slogdet(self.inv, u, v, self.sign_base, self.logabsdet_base)[0]
+            if not bool(self.delta.any()):
+                return self.sign_base.clone()
+            return torch.linalg.slogdet(self._matrix() + self.rule.pending())[0]
 
     def inverse(self) -> Tensor:
-        r""":math:`(A + UV^T)^{-1}` by Woodbury, differentiable; shape (n, n), bookkeeping dtype.
-
-        Cost :math:`O(n^2 k)`. Prefer :meth:`solve` to apply it to vectors.
-        """
-        u, v = self._factors()
-        return linalg.woodbury_inverse(self.inv, u, v)
+        r""":math:`W^{-1}`, differentiable; shape (*, n, n), bookkeeping dtype."""
+        return self.rule.inverse()
 
     def solve(self, y: Tensor) -> Tensor:
-        r"""Apply :math:`(A + UV^T)^{-1}` to every vector ``y[..., n]`` without forming it.
+        r"""Apply :math:`W^{-1}` to every vector ``y[..., n]`` without forming it.
 
-        Computed in ``y``'s dtype (a float32 ``y`` uses a float32 copy of the
-        float64 inverse, refreshed after each merge); differentiable in ``y``,
-        ``U`` and ``V``. Cost :math:`O(B n^2)` for ``B`` vectors.
-
-        For a stack of shape ``(*, n, n)``, ``y`` has shape ``(..., *, n)`` and
-        element ``i`` of the stack is applied to ``y[..., i, :]`` (via the
-        explicit inverses, cost :math:`O(L n^2 k + B L n^2)`).
+        Computed in ``y``'s dtype; differentiable. Cost :math:`O(Bn^2)` for ``B`` vectors.
+        For a stack ``(*, n, n)``, ``y`` has shape ``(..., *, n)``.
         """
         n = self.inv.shape[-1]
         stack = self.inv.shape[:-2]
@@ -328,8 +320,7 @@ class Invertible(Perturbation):
             raise ShapeError(f"y must have shape (..., {want}) for {self.where}, got {describe(y)}")
         if stack:
             return (self.inverse().to(y.dtype) @ y.unsqueeze(-1)).squeeze(-1)
-        inv_t = self._inverse_transposed(y.dtype)
-        return linalg.woodbury_solve(inv_t, self.U.to(y.dtype), self.V.to(y.dtype), y)
+        return self.rule.solve(y)
 
     def _inverse_transposed(self, dtype: torch.dtype) -> Tensor:
         """Contiguous :math:`A^{-T}` in ``dtype``, cached until the bookkeeping changes."""
@@ -343,88 +334,59 @@ class Invertible(Perturbation):
         return hit[1]
 
     def logdet_penalty(self, margin: float = 0.5) -> Tensor:
-        r"""Soft penalty keeping the update's :math:`\log|\det C|` inside the merge bounds.
+        r"""Soft penalty keeping the pending update's :math:`\log|\det C|` inside the bounds.
 
-        .. math:: \mathrm{relu}(l_{lo} + m - \ell)^2 + \mathrm{relu}(\ell - l_{hi} + m)^2,
-                  \qquad \ell = \log|\det(I + V^T A^{-1} U)|
-
-        Add it (scaled) to the loss; it is zero while the update is ``margin``
-        inside the bounds. Cost :math:`O(n^2 k)`.
+        Zero while the update is ``margin`` inside the bounds; add it (scaled) to the loss.
         """
-        u, v = self._factors()
-        cap_logabsdet = torch.linalg.slogdet(linalg.capacitance(self.inv, u, v)[1])[1]
+        cap_logabsdet = self.logabsdet() - self.logabsdet_base
         lo, hi = self.update_logdet_bounds
-        zero = torch.zeros_like(cap_logabsdet)
-        below = torch.relu(lo + margin - cap_logabsdet) if math.isfinite(lo) else zero
-        above = torch.relu(cap_logabsdet - hi + margin) if math.isfinite(hi) else zero
+        below = torch.relu(lo + margin - cap_logabsdet) if math.isfinite(lo) else 0
+        above = torch.relu(cap_logabsdet - hi + margin) if math.isfinite(hi) else 0
         return below**2 + above**2
 
     # ------------------------------------------------------------------ merging
-    @torch.no_grad()
-    def merge(self) -> MergeResult:
-        """Fold :math:`UV^T` into :math:`A` after validating it; cost :math:`O(n^2 k)`.
-
-        For a stack ``(L, n, n)`` every layer is validated and merged on its
-        own; ``accepted`` is true only if all were, and the figure
-        ``rejected`` counts the others (which keep their base bit for bit).
-        """
-        u, v = self._factors()
+    def propose(self) -> Proposal:
+        """Check the rank-k update of every matrix; scale back those outside the bounds."""
+        u, v = self.rule.factors()
+        args = (self.update_logdet_bounds, self.logdet_bounds, self.max_update_condition)
         matrix = self._matrix()
-        code, update = linalg.low_rank_merge_(
-            matrix, self.inv, self.sign_base, self.logabsdet_base, u, v,
-            self.update_logdet_bounds, self.logdet_bounds, out_dtype=self.base.dtype,
-            max_condition=self.max_update_condition,
+        check = lowrank.low_rank_check(
+            matrix, self.inv, self.logabsdet_base, u, v, *args, out_dtype=self.base.dtype
         )
-        ok = code == 0
-        n_rejected = int((~ok).sum())
-        figures = {  # signed for one matrix, the largest magnitude for a stack
-            "update_logabsdet": float(update if update.ndim == 0 else update.abs().amax()),
-            "rejected": float(n_rejected),
-        }
-        if bool(ok.any()):
-            if matrix is not self.base:  # round the float64 master into the layer
-                self.base.copy_(matrix)
-            self.merges += 1
-        corrected = bool(ok.any()) and self.correct_every is not None and (
-            int(self.merges) % self.correct_every == 0
+        scale = torch.ones(check.codes.shape, dtype=torch.float64, device=u.device)
+        scalable = torch.isin(check.codes, torch.tensor(lowrank.SCALABLE, device=u.device))
+        cut = torch.where(scalable, check.codes, 0)
+        if bool(scalable.any()):
+            t = lowrank.feasible_scale(self.inv, self.logabsdet_base, u, v, *args)
+            use = scalable & (t > 0)
+            if bool(use.any()):
+                scale = torch.where(use, t, scale)
+                u = u * scale[..., None, None].to(u.dtype)
+                check = lowrank.low_rank_check(
+                    matrix, self.inv, self.logabsdet_base, u, v, *args, out_dtype=self.base.dtype
+                )
+        lad = check.cap_logabsdet
+        figures = {"update_logabsdet": float(lad if lad.ndim == 0 else lad.abs().amax())}
+        return Proposal(
+            codes=check.codes, scale=scale, cut=cut, figures=figures, data=(u, v, check)
         )
-        if corrected:
-            figures.update(self.correct())
-        # accepted layers always restart from the identity; rejected ones per ``on_reject``,
-        # except updates that cannot be kept (non-finite or singular)
-        forced = (code == _NON_FINITE) | (code == _SINGULAR) | (code == _OVERFLOW)
-        reset = ok | forced | (self.on_reject == "reset")
-        # accepted elements restart along the last gradient of V (see ``restart``)
-        along = self.V.grad if self.restart == "gradient" and bool(ok.any()) else None
-        self._reset(reset & ~ok)
-        self._reset(ok, along=along)
-        reason = "ok"
-        if n_rejected:
-            codes = code[~ok].tolist()
-            first = linalg.MERGE_REJECTIONS[codes[0]]
-            if code.ndim:
-                first = f"{n_rejected} of {ok.numel()} rejected: {first}"
-            reason = first
-            if codes[0] == _UPDATE_BOUNDS:
-                lo, hi = self.update_logdet_bounds
-                reason += f" [{lo:g}, {hi:g}] (update log|det| {figures['update_logabsdet']:.3g})"
-        return MergeResult(
-            accepted=n_rejected == 0,
-            reason=reason,
-            reset=bool(reset.any()),
-            corrected=corrected,
-            # a dropped update's optimizer state points back towards it: drop that too
-            state_invalid=bool((reset & ~ok).any()),
-            figures=figures,
-        )
+
+    def fold(self, proposal: Proposal, ok: Tensor) -> None:
+        u, v, check = proposal.data
+        matrix = self._matrix()
+        lowrank.low_rank_fold_(matrix, self.inv, self.sign_base, self.logabsdet_base, u, v, check)
+        if matrix is self.precise_base:  # round the float64 master into the layer
+            self.base.copy_(self._as_weight(matrix))
+        partial = ok & (proposal.scale < 1)  # type: ignore[operator]
+        if bool(partial.any()):
+            self.rule.keep_remainder(partial, proposal.scale)  # type: ignore[arg-type]
+
+    def restart(self, mask: Tensor, folded: bool) -> None:
+        self.rule.restart(mask, folded)
 
     @torch.no_grad()
     def correct(self) -> dict[str, float]:
-        """Refine the stored inverse iteratively and recompute log|det| by LU; cost :math:`O(n^3)`.
-
-        Returns the figures ``inverse_residual`` (after refinement). Leaves the
-        bookkeeping unchanged if the refinement produces anything non-finite.
-        """
+        """Refine the stored inverse iteratively and recompute log|det| by LU; :math:`O(n^3)`."""
         matrix = self._matrix()
         inv, residual = linalg.refine_inverse(
             matrix, self.inv, order=self.refine_order, max_steps=2
@@ -436,36 +398,54 @@ class Invertible(Perturbation):
             self.logabsdet_base.copy_(logabsdet)
         return {"inverse_residual": residual}
 
+    def dtype_changed(self, old: torch.dtype, new: torch.dtype) -> None:
+        if new == self.dtype and self.precise_base is not None:
+            with torch.no_grad():
+                self.base.copy_(self._as_weight(self.precise_base))
+            self.precise_base = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Invertible:
+        # leaving the bookkeeping dtype: keep the exact base as the master copy first
+        if self.is_registered and "inv" in self._buffers and self.precise_base is None:
+            probe = fn(torch.empty(0, dtype=self.dtype))
+            base = self.base
+            if probe.dtype != self.dtype and base.device.type != "meta":
+                self.precise_base = self._matrix().detach().clone()
+        return super()._apply(fn, recurse)  # type: ignore[return-value]
+
     @torch.no_grad()
     def validate(self) -> ValidationReport:
         r"""Measure the bookkeeping against dense linear algebra; cost :math:`O(n^3)`.
 
-        Figures: ``inverse_error`` :math:`\lVert W W^{-1} - I\rVert_{\max}` and
-        ``logabsdet_error`` :math:`|\log|\det W| - \mathrm{slogdet}(W)|` for the
-        current matrix :math:`W = A + UV^T` at bookkeeping precision (``inf``
-        when the signs disagree), ``base_rounding`` (max relative gap between
-        the layer's base and the float64 base), and ``update_logabsdet``.
+        Figures for the current matrix :math:`W` at bookkeeping precision: ``inverse_error``
+        :math:`\lVert W W^{-1} - I\rVert_{\max}`, ``logabsdet_error`` against
+        ``torch.linalg.slogdet`` (``inf`` when the signs disagree), ``base_rounding`` (the
+        layer's base against the float64 master) and ``update_logabsdet``. A singular
+        pending update gives a FAILED report that says so.
         """
-        u, v = self._factors()
-        w = self._matrix() + u @ v.mT
-        inverse_error = float(linalg.inverse_residual(w, self.inverse()).abs().amax())
+        base = self._matrix()
+        w = base + self.rule.pending()
         ref_sign, ref_logabsdet = torch.linalg.slogdet(w)
-        sign, logabsdet = linalg.lemma_slogdet(self.inv, u, v, self.sign_base, self.logabsdet_base)
+        scale = float(base.abs().amax())
+        layer = self.base.reshape(base.shape).to(self.dtype)
+        figures = {"base_rounding": float((layer - base).abs().amax()) / scale}
+        tolerances = {"inverse_error": 1e-6, "logabsdet_error": 1e-6}
+        tolerances["base_rounding"] = 2 * torch.finfo(self.base.dtype).eps
+        if bool((ref_sign == 0).any()) or not bool(torch.isfinite(ref_logabsdet).all()):
+            figures.update(inverse_error=math.inf, logabsdet_error=math.inf)
+            problem = "the pending update makes the matrix singular (a merge will not fold it)"
+            return ValidationReport(self.where, figures, tolerances, problem=problem)
+        inverse_error = float(linalg.inverse_residual(w, self.inverse()).abs().amax())
+        logabsdet = self.logabsdet()
         logdet_error = float((logabsdet - ref_logabsdet).abs().amax())
-        if bool((sign != ref_sign).any()):
+        if bool((self.sign() != ref_sign).any()):
             logdet_error = math.inf
-        scale = float(self._matrix().abs().amax())
-        rounding = float((self.base.to(self.dtype) - self._matrix()).abs().amax()) / scale
-        cap_logabsdet = torch.linalg.slogdet(linalg.capacitance(self.inv, u, v)[1])[1].abs().amax()
-        eps = torch.finfo(self.base.dtype).eps
-        figures = {
-            "inverse_error": inverse_error,
-            "logabsdet_error": logdet_error,
-            "base_rounding": rounding,
-            "update_logabsdet": float(cap_logabsdet),
-        }
-        tolerances = {"inverse_error": 1e-6, "logabsdet_error": 1e-6, "base_rounding": 2 * eps}
+        figures.update(inverse_error=inverse_error, logabsdet_error=logdet_error)
+        figures["update_logabsdet"] = float((ref_logabsdet - self.logabsdet_base).abs().amax())
         return ValidationReport(where=self.where, figures=figures, tolerances=tolerances)
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, correct_every={self.correct_every}, dtype={self.dtype}"
+        return (
+            f"update={self.update!r}, rank={self.rank}, correct_every={self.correct_every}, "
+            f"dtype={self.dtype}"
+        )

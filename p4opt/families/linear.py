@@ -10,7 +10,7 @@ from torch import nn
 from p4opt._typing import Tensor
 from p4opt.exceptions import ShapeError, describe
 from p4opt.families.affine import AffineSpace, DenseSpace
-from p4opt.perturbation import MergeResult, Perturbation, ValidationReport
+from p4opt.perturbation import Perturbation, Proposal, ValidationReport
 
 __all__ = ["LinearStructure"]
 
@@ -104,6 +104,8 @@ class LinearStructure(Perturbation):
     """
 
     default_merge_every: ClassVar[int] = 100
+    #: ``z`` keeps its coordinates across a merge, so its optimizer state stays valid.
+    reset_optimizer_state: ClassVar[bool] = False
 
     def __init__(self, C: Any = None, d: Any = None, *, seed: int | None = None) -> None:
         super().__init__(seed=seed)
@@ -137,10 +139,6 @@ class LinearStructure(Perturbation):
 
     def attach(self, value: Tensor) -> Tensor:
         """Build the space for ``value``'s shape and return ``value`` projected onto it."""
-        if not isinstance(value, Tensor) or not value.is_floating_point():
-            raise TypeError(f"{self.where} must be a floating-point tensor, got {describe(value)}")
-        if value.is_complex():
-            raise TypeError(f"{self.where} must be real, got {describe(value)}")
         self.space = self._make_space(value.detach())
         projected = self.space.project(value.detach().to(torch.float64)).to(value.dtype)
         projected = self.space.finish(projected)
@@ -165,26 +163,14 @@ class LinearStructure(Perturbation):
             raise RuntimeError(f"{type(self).__name__} is not registered on a tensor yet")
         return self.space
 
-    @torch.no_grad()
-    def merge(self) -> MergeResult:
-        """Fold ``z`` into the base, re-project onto the set in float64 and set ``z = 0``.
-
-        The optimizer state of ``z`` stays valid (same coordinates), hence
-        ``reset=False``. A non-finite ``z`` or result is rejected, the base is
-        left unchanged and ``z`` reset (``reset=True``: its state is poisoned).
-        """
+    def propose(self) -> Proposal:
+        """Fold ``z`` into the base and re-project onto the set in float64 (removes drift)."""
         space = self._space()
-        if not torch.isfinite(self.z).all():
-            return self.reject("non-finite update")
         theta = self.base.to(torch.float64) + space.lift(self.z.to(torch.float64))
         projected = space.project(theta)
-        new_base = space.finish(projected.to(self.base.dtype))
-        if not torch.isfinite(new_base).all():
-            return self.reject("non-finite merged tensor")
-        self.base.copy_(new_base)
-        self.identity()
         drift = float((projected - theta).abs().max())
-        return MergeResult(accepted=True, reset=False, figures={"drift_removed": drift})
+        candidate = space.finish(projected.to(self.base.dtype))
+        return Proposal(candidate=candidate, figures={"drift_removed": drift})
 
     @torch.no_grad()
     def validate(self) -> ValidationReport:

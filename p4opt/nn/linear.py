@@ -51,8 +51,8 @@ class InvertibleLinear(Bijection):
         Number of features (in and out).
     bias : bool
         Learn an additive bias :math:`b`.
-    rank : int
-        Rank ``k`` of the update (1 is the paper's case).
+    rank : int, optional
+        Rank ``k`` of each merged update (default: :func:`p4opt.families.invertible.default_rank`).
     dtype, device : optional
         Of the layer's tensors (the Invertible bookkeeping stays float64).
     **options
@@ -81,7 +81,7 @@ class InvertibleLinear(Bijection):
         self,
         n: int,
         bias: bool = True,
-        rank: int = 1,
+        rank: int | None = None,
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,

@@ -41,8 +41,8 @@ class InvertibleLinearStack(Bijection):
         Features per layer (2 in the paper's density experiments).
     layers : int
         Number of linear layers ``L`` (200 in the paper).
-    rank : int
-        Rank of each layer's update.
+    rank : int, optional
+        Rank of each layer's merged update (default: the whole change for small ``n``).
     bias : bool
         Learn the biases :math:`b_l`.
     dtype, device : optional
@@ -69,7 +69,7 @@ class InvertibleLinearStack(Bijection):
     >>> x_back, ladj_inv = flow.inverse_and_log_det(y)
     >>> torch.allclose(x_back, x), torch.allclose(ladj_inv, -ladj)
     (True, True)
-    >>> sum(p.numel() for p in flow.parameters() if p.requires_grad)   # U, V, bias
+    >>> sum(p.numel() for p in flow.parameters() if p.requires_grad)   # pending changes, biases
     30
     """
 
@@ -77,7 +77,7 @@ class InvertibleLinearStack(Bijection):
         self,
         n: int,
         layers: int,
-        rank: int = 1,
+        rank: int | None = None,
         bias: bool = True,
         *,
         dtype: torch.dtype | None = None,
