@@ -93,8 +93,8 @@ class Perturbation(nn.Module, abc.ABC):
     Parameters
     ----------
     seed : int, optional
-        Seed of the perturbation's random draws. Left out, one is drawn from torch's global
-        generator. Draw number ``i`` uses a generator seeded from ``(seed, i)``; both numbers
+        Seed (>= 0) of the perturbation's random draws. Left out, one is drawn from torch's
+        global generator at the first draw. Draw number ``i`` uses a generator seeded from ``(seed, i)``; both numbers
         are buffers, so checkpoints resume the same draws and data-parallel ranks (which
         synchronize buffers) draw the same values whatever each rank's own seeding.
     correct_every : int or None
@@ -121,9 +121,7 @@ class Perturbation(nn.Module, abc.ABC):
         on_reject: OnReject = "keep",
     ) -> None:
         super().__init__()
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        check_int("seed", seed)
+        seed = -1 if seed is None else check_int("seed", seed, minimum=0)
         self.correct_every = check_optional_int("correct_every", correct_every, minimum=1)
         self.on_reject: OnReject = check_choice("on_reject", on_reject, ("keep", "reset"))
         self.register_buffer("rng_seed", torch.tensor(seed, dtype=torch.long))
@@ -310,7 +308,13 @@ class Perturbation(nn.Module, abc.ABC):
         return base
 
     def rng(self) -> torch.Generator:
-        """A CPU generator for the next random draw (seeded from ``rng_seed`` and ``rng_draws``)."""
+        """A CPU generator for the next random draw (seeded from ``rng_seed`` and ``rng_draws``).
+
+        A perturbation built without a seed draws one from torch's global generator at its
+        first draw (families that never draw leave the global generator alone).
+        """
+        if int(self.rng_seed) < 0:
+            self.rng_seed.fill_(int(torch.randint(0, 2**62, (1,)).item()))
         generator = torch.Generator().manual_seed(_mix(int(self.rng_seed), int(self.rng_draws)))
         self.rng_draws += 1
         return generator
@@ -358,7 +362,22 @@ class Perturbation(nn.Module, abc.ABC):
 
     def current(self) -> Tensor:
         """The current perturbed tensor :math:`R_B(A)`."""
+        self._sync_dtype()
         return self.apply(self.base)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Fold the pending update, project onto the feasible set and rebuild all bookkeeping.
+
+        Registration's checks and projection run again on :math:`R_B(A)` (cost as at
+        registration, e.g. :math:`O(n^3)`). Use it after the tensors were changed from outside
+        the merge cycle, for example in a weight-averaged copy of the model
+        (``torch.optim.swa_utils.AveragedModel``): an average of feasible tensors need not be
+        feasible, and averaged bookkeeping (an average of inverses) is not the bookkeeping of
+        the average.
+        """
+        current = self.current().detach().clone()
+        self.base.copy_(self.right_inverse(current))
 
     def _apply(self, fn: Any, recurse: bool = True) -> Perturbation:
         # Bookkeeping buffers keep their dtype under ``model.float()``: they get the requested

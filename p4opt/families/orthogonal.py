@@ -154,6 +154,11 @@ class Orthogonal(Perturbation):
             self.base.copy_(q.to(self.base.dtype))
         return {"orthogonality_error": err}
 
+    def dtype_changed(self, old: torch.dtype, new: torch.dtype) -> None:
+        """A more precise layer dtype: re-orthonormalize so the new tolerance holds at once."""
+        if torch.finfo(new).eps < torch.finfo(old).eps:
+            self.correct()
+
     @torch.no_grad()
     def validate(self) -> ValidationReport:
         r"""Orthogonality error :math:`\lVert W^TW - I\rVert_{\max}` of :math:`W = QG` and det sign.

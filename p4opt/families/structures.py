@@ -46,7 +46,8 @@ class _SymmetricSpace(AffineSpace):
         self.shape, self.dims, self.n = tuple(shape), (a, b), n
         iu = torch.triu_indices(n, n)
         self.register_buffer("flat", iu[0] * n + iu[1])
-        self.register_buffer("diag", iu[0] == iu[1])
+        # uint8 rather than bool: weight averaging (swa_utils.AveragedModel) cannot average bools
+        self.register_buffer("diag", (iu[0] == iu[1]).to(torch.uint8))
         self.batch = math.prod(shape) // max(n * n, 1)
         self.dim = self.batch * iu.shape[1]
 
@@ -55,7 +56,7 @@ class _SymmetricSpace(AffineSpace):
 
     def lift(self, z: Tensor) -> Tensor:
         n = self.n
-        scale = torch.where(self.diag, 0.5, math.sqrt(0.5)).to(z.dtype)
+        scale = torch.where(self.diag.bool(), 0.5, math.sqrt(0.5)).to(z.dtype)
         half = z.reshape(self.batch, -1) * scale
         m = z.new_zeros(self.batch, n * n).index_copy(1, self.flat, half).reshape(-1, n, n)
         moved = tuple(s for i, s in enumerate(self.shape) if i not in self.dims) + (n, n)
