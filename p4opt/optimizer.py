@@ -12,8 +12,9 @@ import torch
 
 from p4opt._typing import StateDict, Tensor
 from p4opt._validate import check_optional_int
-from p4opt.errors import P4TypeError, P4ValueError
+from p4opt.errors import P4RuntimeError, P4TypeError, P4ValueError
 from p4opt.perturbation import MergeResult, Perturbation, owner_of
+from p4opt.registry import is_sharded
 
 __all__ = ["P4Optimizer", "Counters", "PerturbationStats"]
 
@@ -198,6 +199,13 @@ class P4Optimizer(torch.optim.Optimizer):
                 owner = owner_of(tensor)
                 if owner is not None:
                     (found if owner[1] == "trainable" else bases).setdefault(id(owner[0]), owner[0])
+        params = [t for group in self.optimizer.param_groups for t in group["params"]]
+        if any(is_sharded(t) for t in params):
+            raise P4RuntimeError(
+                "the optimizer's parameters are sharded (FSDP / DTensor), e.g. a model sharded "
+                "after registration; p4opt's merges need whole tensors on every rank: use "
+                "DistributedDataParallel instead"
+            )
         for key, pert in bases.items():
             if key not in found:
                 warnings.warn(

@@ -99,6 +99,11 @@ def register(module: nn.Module, name: str, perturbation: Perturbation) -> Pertur
     if not isinstance(tensor, nn.Parameter):
         got = "nothing" if tensor is None else type(tensor).__name__
         raise RegistrationError(f"{where} must be an nn.Parameter, found {got}")
+    if is_sharded(tensor):
+        raise RegistrationError(
+            f"{where} is sharded (FSDP / DTensor); p4opt's merges need the whole tensor on every "
+            "rank: use DistributedDataParallel, or register on a module that is not sharded"
+        )
     trainable = tensor.requires_grad
     perturbation.where = where
     perturbation._set_context(module)
@@ -108,6 +113,15 @@ def register(module: nn.Module, name: str, perturbation: Perturbation) -> Pertur
         param.requires_grad_(trainable)
     perturbation._bind(module, name)
     return perturbation
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a distributed shard (a ``DTensor``, as FSDP's ``fully_shard`` makes)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # builds without distributed support
+        return False
+    return isinstance(tensor, DTensor)
 
 
 def _find(module: nn.Module, name: str) -> Perturbation | None:

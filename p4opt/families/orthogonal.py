@@ -111,6 +111,10 @@ class Orthogonal(Perturbation):
         n = value.shape[0]
         if n < 2:
             raise ShapeError(f"Orthogonal needs n >= 2, but {self.where} is a {describe(value)}")
+        self.strategy.create(value, n)
+        self.identity()
+        if value.device.type == "meta":  # shapes only; the values arrive by load_state_dict
+            return value
         matrix = value.detach().to(torch.float64)
         special = self.group == "SO"
         tol = 100 * n * torch.finfo(value.dtype).eps
@@ -118,8 +122,6 @@ class Orthogonal(Perturbation):
             special and float(torch.linalg.det(matrix)) < 0
         ):
             matrix = rotations.polar_factor(matrix, special=special)
-        self.strategy.create(value, n)
-        self.identity()
         return matrix.to(value.dtype)
 
     # ---------------------------------------------------------------- contract
