@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import warnings
 import weakref
 from typing import Any, ClassVar, Literal
 
@@ -130,6 +131,8 @@ class Perturbation(nn.Module, abc.ABC):
         self.where = "<unregistered>"
         self._layer_dtype: torch.dtype | None = None
         self._last_grads: dict[str, Tensor] = {}
+        self._seen_versions: tuple[int, ...] = ()
+        self._updates_since_merge = 0
         object.__setattr__(self, "_owner", None)
         object.__setattr__(self, "_context_ref", None)
 
@@ -151,6 +154,8 @@ class Perturbation(nn.Module, abc.ABC):
             def apply(self: Perturbation, base: Any) -> Any:
                 if callable(base) and not isinstance(base, Tensor):
                     return nn.Module.apply(self, base)
+                if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                    self._watch_for_missing_merges()
                 return own_apply(self, base)
 
             cls.apply = apply  # type: ignore[method-assign]
@@ -202,6 +207,22 @@ class Perturbation(nn.Module, abc.ABC):
         """Periodic numerical correction of the base (after every ``correct_every`` merges)."""
         return {}
 
+    def _watch_for_missing_merges(self) -> None:
+        """Warn once when the trainable tensors keep changing but nothing merges them."""
+        versions = tuple(p._version for p in self._parameters.values() if p is not None)
+        if versions == self._seen_versions:
+            return
+        self._seen_versions = versions
+        self._updates_since_merge += 1
+        limit = max(100, 20 * self.default_merge_every)
+        if self._updates_since_merge == limit and self.is_registered:
+            warnings.warn(
+                f"{self.where}: its {type(self).__name__} perturbation has changed {limit} times "
+                "without a merge, so it stays a perturbation of the same base: wrap the "
+                "optimizer in p4opt.P4Optimizer(...) (or call merge() yourself)",
+                stacklevel=4,
+            )
+
     # -------------------------------------------------------------- the cycle
     @torch.no_grad()
     def merge(
@@ -220,6 +241,7 @@ class Perturbation(nn.Module, abc.ABC):
         """
         self.base  # noqa: B018 - raises a clear error when not registered
         self._sync_dtype()
+        self._updates_since_merge = 0
         self._last_grads = grads or {}
         shape = self._stack_shape()
         finite = self._finite_update(shape)

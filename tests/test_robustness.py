@@ -292,3 +292,43 @@ def test_a_deepcopied_model_gets_its_own_optimizer():
     assert opt.perturbations[0] is p4opt.perturbation_of(twin, "weight")
     original = p4opt.P4Optimizer(torch.optim.Adam(lin.parameters(), lr=1e-2))
     assert original.perturbations[0] is p4opt.perturbation_of(lin, "weight")
+
+
+# ------------------------------------------------------------------------ silent misuse
+def test_training_with_an_unwrapped_optimizer_warns_once():
+    lin, _ = _layer("invertible")
+    opt = torch.optim.Adam(lin.parameters(), lr=1e-3)  # P4Optimizer forgotten
+    with pytest.warns(UserWarning, match="wrap the optimizer in p4opt.P4Optimizer") as caught:
+        _train(lin, opt, 120)
+    assert len([w for w in caught if "P4Optimizer" in str(w.message)]) == 1
+
+
+def test_wrapped_training_does_not_warn(recwarn):
+    lin, _ = _layer("orthogonal")
+    _train(lin, p4opt.P4Optimizer(torch.optim.Adam(lin.parameters(), lr=1e-3)), 200)
+    assert not [w for w in recwarn if "P4Optimizer" in str(w.message)]
+
+
+def test_an_optimizer_without_perturbations_warns():
+    with pytest.warns(UserWarning, match="found no p4opt perturbation"):
+        p4opt.P4Optimizer(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1))
+
+
+def test_passing_the_family_class_says_to_pass_an_instance():
+    with pytest.raises(p4opt.P4TypeError, match=r"pass p4opt\.Invertible\(\), not the class"):
+        p4opt.register(torch.nn.Linear(3, 3), "weight", p4opt.Invertible)  # type: ignore[arg-type]
+
+
+def test_double_registration_names_the_users_class_once():
+    lin, _ = _layer("invertible")
+    with pytest.raises(p4opt.RegistrationError) as info:
+        p4opt.register(lin, "weight", p4opt.Invertible())
+    message = str(info.value)
+    assert "Parametrized" not in message and message.count("Linear.weight") == 1
+    assert "p4opt.unregister" in message
+
+
+def test_invertible_on_a_conv_kernel_larger_than_one_is_refused():
+    conv = torch.nn.Conv2d(4, 4, 3)
+    with pytest.raises(p4opt.ShapeError, match="1x1"):
+        p4opt.register(conv, "weight", p4opt.Invertible())

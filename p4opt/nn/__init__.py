@@ -9,6 +9,7 @@ that direction. ``layer.transform()`` is a :class:`torch.distributions.Transform
 from p4opt.nn import functional
 from p4opt.nn.activations import BentIdentity, InverseBentIdentity
 from p4opt.nn.base import Bijection, Flow
+from p4opt.nn.conv import InvertibleConv1x1
 from p4opt.nn.coupling import AffineCoupling, realnvp, realnvp_with_params
 from p4opt.nn.distributions import BijectionTransform, flow_distribution
 from p4opt.nn.linear import InvertibleLinear, random_orthogonal
@@ -19,6 +20,7 @@ __all__ = [
     "Flow",
     "InvertibleLinear",
     "InvertibleLinearStack",
+    "InvertibleConv1x1",
     "BentIdentity",
     "InverseBentIdentity",
     "AffineCoupling",
