@@ -103,11 +103,11 @@ class Invertible(Perturbation):
 
     References
     ----------
-    .. [1] A. Krämer et al., "Training invertible linear layers through rank-one
-       perturbations" (P⁴Inv), 2020.
-    .. [2] W. W. Hager, "Updating the inverse of a matrix", SIAM Review 31 (1989).
-    .. [3] N. Halko, P.-G. Martinsson, J. A. Tropp, "Finding structure with randomness",
-       SIAM Review 53 (2011).
+    - A. Krämer, J. Köhler, F. Noé, "Preserving properties of neural networks by
+      perturbative updates", NeurIPS 2020 (the P⁴ and P⁴Inv updates).
+    - W. W. Hager, "Updating the inverse of a matrix", SIAM Review 31 (1989).
+    - N. Halko, P.-G. Martinsson, J. A. Tropp, "Finding structure with randomness",
+      SIAM Review 53 (2011).
 
     Examples
     --------

@@ -56,10 +56,12 @@ class Orthogonal(Perturbation):
 
     References
     ----------
-    .. [1] N. J. Higham, "Functions of Matrices", SIAM 2008, §8.3 (Newton–Schulz polar
-       iteration).
-    .. [2] M. Lezcano-Casado, D. Martínez-Rubio, "Cheap orthogonal constraints in neural
-       networks", ICML 2019 (geotorch).
+    - A. Krämer, J. Köhler, F. Noé, "Preserving properties of neural networks by
+      perturbative updates", NeurIPS 2020.
+    - N. J. Higham, "Functions of Matrices", SIAM 2008, §8.3 (Newton–Schulz polar
+      iteration).
+    - M. Lezcano-Casado, D. Martínez-Rubio, "Cheap orthogonal constraints in neural
+      networks", ICML 2019 (geotorch).
 
     Examples
     --------
