@@ -86,8 +86,10 @@ def low_rank_check(
     LowRankCheck
     """
     finite_uv = torch.isfinite(u).all(-1).all(-1) & torch.isfinite(v).all(-1).all(-1)
-    u = torch.where(finite_uv[..., None, None], u, 0)
-    v = torch.where(finite_uv[..., None, None], v, 0)
+    all_finite = bool(finite_uv.all())
+    if not all_finite:
+        u = torch.where(finite_uv[..., None, None], u, 0)
+        v = torch.where(finite_uv[..., None, None], v, 0)
     inv_u = (u.mT @ inv.mT).mT  # CPU BLAS is several times faster in this layout for k > 1
     cap = v.mT @ inv_u
     cap = cap + _eye_like(cap)
@@ -103,12 +105,15 @@ def low_rank_check(
     code = torch.zeros(cap_sign.shape, dtype=torch.long, device=inv.device)
     for index, failed in enumerate(checks, start=1):
         code = torch.where((code == 0) & failed, index, code)
+    all_ok = bool((code == 0).all())
     ok = (code == 0)[..., None, None]
-    correction = torch.linalg.solve(torch.where(ok, cap, _eye_like(cap)), v.mT @ inv)
-    inv_u = torch.where(ok, inv_u, 0)
+    if not all_ok:
+        cap = torch.where(ok, cap, _eye_like(cap))
+        inv_u, u = torch.where(ok, inv_u, 0), torch.where(ok, u, 0)
+    correction = torch.linalg.solve(cap, v.mT @ inv)
     k = u.shape[-1]  # entrywise bounds: |X + a b^T| <= max|X| + k max|a| max|b|
     inv_bound = _max_abs(inv) + k * _max_abs(inv_u) * _max_abs(correction)
-    mat_bound = _max_abs(matrix) + k * _max_abs(torch.where(ok, u, 0)) * _max_abs(v)
+    mat_bound = _max_abs(matrix) + k * _max_abs(u) * _max_abs(v)
     limit = torch.finfo(out_dtype or matrix.dtype).max
     overflow = ~(inv_bound < torch.finfo(inv.dtype).max) | ~(mat_bound < limit)
     code = torch.where((code == 0) & overflow, len(checks) + 1, code)
@@ -143,6 +148,12 @@ def low_rank_fold_(
     temporary for 2-D and 3-D inputs.
     """
     ok_b = check.codes == 0
+    if bool(ok_b.all()):
+        _addmm_(inv, check.inv_u, check.correction, alpha=-1.0)
+        _addmm_(matrix, u.to(matrix.dtype), v.mT.to(matrix.dtype))
+        sign.mul_(check.cap_sign)
+        logabsdet.add_(check.cap_logabsdet)
+        return
     ok = ok_b[..., None, None]
     _addmm_(inv, torch.where(ok, check.inv_u, 0), check.correction, alpha=-1.0)
     _addmm_(matrix, torch.where(ok, u, 0).to(matrix.dtype), v.mT.to(matrix.dtype))
@@ -187,7 +198,9 @@ def feasible_scale(
     return torch.where(first < steps, t[first.clamp_max(steps - 1)], 0.0)
 
 
-def range_finder(delta: Tensor, basis: Tensor, power_iters: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+def range_finder(
+    delta: Tensor, basis: Tensor, power_iters: int = 1
+) -> tuple[Tensor, Tensor, Tensor]:
     r"""Best rank-k factors of ``delta`` by a warm-started randomized range finder.
 
     .. math:: Q = \mathrm{orth}(\Delta\,\Omega), \quad

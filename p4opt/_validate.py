@@ -1,4 +1,4 @@
-"""One set of argument validators: every check raises a :mod:`p4opt.errors` error naming the argument."""
+"""One set of argument validators; each raises a :mod:`p4opt.errors` error naming the argument."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def check_optional_int(name: str, value: Any, minimum: int | None = None) -> int
 def check_number(
     name: str, value: Any, *, positive: bool = False, minimum: float | None = None
 ) -> float:
-    """``value`` as a finite-or-infinite float (no bools, no NaN), optionally > 0 or >= ``minimum``."""
+    """``value`` as a float (no bools, no NaN; infinities pass), optionally > 0 or >= a minimum."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise P4TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     value = float(value)
@@ -81,7 +81,8 @@ def check_bounds(name: str, bounds: Any) -> tuple[float, float]:
     try:
         low, high = (check_number(name, b) for b in bounds)
     except (TypeError, ValueError) as error:
-        raise P4ValueError(f"{name} must be a pair (low, high) of numbers, got {bounds!r}") from error
+        message = f"{name} must be a pair (low, high) of numbers, got {bounds!r}"
+        raise P4ValueError(message) from error
     if not low < high:
         raise P4ValueError(f"{name} must be (low, high) with low < high, got {bounds!r}")
     return low, high

@@ -18,8 +18,13 @@ import torch
 from torch import nn
 
 from p4opt._typing import Tensor
-from p4opt._validate import check_choice, check_finite, check_floating, check_int
-from p4opt._validate import check_optional_int
+from p4opt._validate import (
+    check_choice,
+    check_finite,
+    check_floating,
+    check_int,
+    check_optional_int,
+)
 from p4opt.errors import RegistrationError
 from p4opt.records import MergeResult, Proposal, Reason, ValidationReport
 
@@ -37,7 +42,7 @@ _OWNERS: dict[int, tuple[weakref.ref[Tensor], weakref.ref[Perturbation], str]] =
 
 
 def owner_of(tensor: Tensor) -> tuple[Perturbation, str] | None:
-    """The registered perturbation a tensor belongs to, with its role (``"trainable"``/``"base"``)."""
+    """The registered perturbation owning a tensor, with its role (``"trainable"``/``"base"``)."""
     entry = _OWNERS.get(id(tensor))
     if entry is None or entry[0]() is not tensor:
         return None
@@ -95,9 +100,10 @@ class Perturbation(nn.Module, abc.ABC):
     ----------
     seed : int, optional
         Seed (>= 0) of the perturbation's random draws. Left out, one is drawn from torch's
-        global generator at the first draw. Draw number ``i`` uses a generator seeded from ``(seed, i)``; both numbers
-        are buffers, so checkpoints resume the same draws and data-parallel ranks (which
-        synchronize buffers) draw the same values whatever each rank's own seeding.
+        global generator at the first draw. Draw number ``i`` uses a generator seeded
+        from ``(seed, i)``; both numbers are buffers, so checkpoints resume the same draws
+        and data-parallel ranks (which synchronize buffers) draw the same values whatever
+        each rank's own seeding.
     correct_every : int or None
         Merges between numerical corrections (``None``: never).
     on_reject : {"keep", "reset"}
@@ -191,7 +197,8 @@ class Perturbation(nn.Module, abc.ABC):
     def fold(self, proposal: Proposal, ok: Tensor) -> None:
         """Write the accepted elements of ``proposal.candidate`` into the base, in place."""
         if proposal.candidate is None:
-            raise NotImplementedError(f"{type(self).__name__} proposes no candidate: override fold()")
+            name = type(self).__name__
+            raise NotImplementedError(f"{name} proposes no candidate: override fold()")
         base = self.base
         if ok.ndim == 0:
             base.copy_(proposal.candidate)

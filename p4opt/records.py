@@ -1,4 +1,4 @@
-r"""Typed records of the merge cycle: :class:`Reason`, :class:`Proposal`, :class:`MergeResult`, :class:`ValidationReport`."""
+r"""Typed records of the merge cycle: Reason, Proposal, MergeResult and ValidationReport."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from p4opt._typing import Tensor
 __all__ = ["Reason", "Proposal", "MergeResult", "ValidationReport"]
 
 
-class Reason(str, enum.Enum):
+class Reason(enum.StrEnum):
     """Why a merge folded all, part or none of an update.
 
     The members compare equal to their descriptions (``Reason.OK == "ok"``), and their order

@@ -116,7 +116,7 @@ def register(module: nn.Module, name: str, perturbation: Perturbation) -> Pertur
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a distributed shard (a ``DTensor``, as FSDP's ``fully_shard`` makes)."""
+    """Whether ``tensor`` is a distributed shard (a ``DTensor``, as made by ``fully_shard``)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # builds without distributed support

@@ -1,4 +1,4 @@
-r"""The two update rules of :class:`~p4opt.Invertible`: projected dense steps and factored :math:`UV^T`.
+r"""The update rules of :class:`~p4opt.Invertible`: projected dense steps, factored :math:`UV^T`.
 
 Each rule owns the trainable tensors of one :class:`~p4opt.Invertible` and answers the same
 questions: the pending update as rank-k factors (for the merge), the current matrix's
@@ -48,8 +48,9 @@ class UpdateRule(abc.ABC):
     def restart(self, mask: Tensor, folded: bool) -> None:
         """Return the selected stack elements to the identity."""
 
+    @abc.abstractmethod
     def keep_remainder(self, mask: Tensor, scale: Tensor) -> None:
-        """After a partial merge of a fraction ``scale``, keep the rest of the update pending."""
+        """After a partial merge of a fraction ``scale``, deal with the rest of the update."""
 
     @abc.abstractmethod
     def pending(self) -> Tensor:
@@ -173,8 +174,7 @@ class Projected(UpdateRule):
             eye = torch.eye(n, dtype=delta.dtype, device=delta.device).expand_as(delta)
             return delta, eye
         u, v, right = lowrank.range_finder(delta, pert.basis, pert.power_iters)
-        finite = torch.isfinite(right).all(-1).all(-1)[..., None, None]
-        pert.basis.copy_(torch.where(finite, right, pert.basis))
+        pert.basis.copy_(right)
         return u, v
 
     @torch.no_grad()
