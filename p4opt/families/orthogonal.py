@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from p4opt import linalg_orthogonal as lo
+from p4opt import linalg as lo
 from p4opt._typing import Tensor
 from p4opt.exceptions import ShapeError, describe
 from p4opt.perturbation import MergeResult, Perturbation, ValidationReport
