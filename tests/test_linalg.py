@@ -114,3 +114,65 @@ def test_low_rank_merge_rejects_overflow_in_storage_dtype():
         a, torch.eye(2, dtype=torch.float64)
     )
     assert float(lad) == 0.0
+
+
+# ------------------------------------------------------------------ one refinement driver
+@pytest.mark.parametrize("order", [2, 3])
+def test_refine_inverse_reaches_the_tolerance_from_a_perturbed_inverse(order):
+    n = 16
+    a = random_invertible(n)
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.linalg.inv(a) + 1e-6 * torch.randn(n, n, generator=g, dtype=torch.float64)
+    start = float(linalg.inverse_residual(a, x0).abs().amax())
+    x, res = linalg.refine_inverse(a, x0, order=order)
+    eps = torch.finfo(torch.float64).eps
+    assert res == float(linalg.inverse_residual(a, x).abs().amax())
+    assert res < 100 * n * eps < start
+
+
+def test_refine_inverse_falls_back_to_lu_when_far_off():
+    a = random_invertible(8)
+    x, res = linalg.refine_inverse(a, torch.zeros_like(a))
+    assert res < 100 * 8 * torch.finfo(torch.float64).eps
+    assert (x - torch.linalg.inv(a)).abs().max() < 1e-10
+
+
+def test_refine_orthogonal_reaches_the_tolerance_and_keeps_the_polar_factor():
+    n = 12
+    q0 = linalg.random_orthogonal(n, generator=torch.Generator().manual_seed(3), det=1.0)
+    g = torch.Generator().manual_seed(4)
+    noisy = q0 + 1e-6 * torch.randn(n, n, generator=g, dtype=torch.float64)
+    q, err = linalg.refine_orthogonal(noisy)
+    assert err == float(linalg.orthogonality_error(q))
+    assert err < 10 * n * torch.finfo(torch.float64).eps
+    assert (q - linalg.polar_factor(noisy)).abs().max() < 1e-12
+    # far off: the SVD fallback, with the determinant sign kept when asked
+    far, err = linalg.refine_orthogonal(3 * noisy, special=True)
+    assert err < 10 * n * torch.finfo(torch.float64).eps and torch.linalg.det(far) > 0
+
+
+# ------------------------------------------------------------------ random_orthogonal
+@pytest.mark.parametrize("det", [None, 1.0, -1.0])
+def test_random_orthogonal_is_orthogonal_with_the_requested_determinant(det):
+    q = linalg.random_orthogonal(7, generator=torch.Generator().manual_seed(0), det=det, batch=(5,))
+    assert q.shape == (5, 7, 7) and q.dtype == torch.float64
+    assert linalg.orthogonality_error(q).max() < 1e-12
+    if det is not None:
+        assert bool((torch.linalg.det(q).sign() == det).all())
+
+
+def test_random_orthogonal_is_reproducible_and_matches_the_old_call_sites():
+    from p4opt.nn import random_orthogonal as nn_random_orthogonal
+    from p4opt.tasks import random_orthogonal as task_random_orthogonal
+
+    def gen():
+        return torch.Generator().manual_seed(11)
+
+    a = linalg.random_orthogonal(6, generator=gen(), det=1.0)
+    assert torch.equal(a, linalg.random_orthogonal(6, generator=gen(), det=1.0))
+    assert not torch.equal(a, linalg.random_orthogonal(6, generator=torch.Generator(), det=1.0))
+    assert torch.equal(a, task_random_orthogonal(6, gen(), det=1.0))
+    b = nn_random_orthogonal(2, 6, 6, generator=gen(), dtype=torch.float64)
+    assert torch.equal(b, linalg.random_orthogonal(6, generator=gen(), batch=(2,)))
+    with pytest.raises(ValueError, match="det"):
+        linalg.random_orthogonal(3, generator=gen(), det=2.0)

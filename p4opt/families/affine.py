@@ -11,35 +11,9 @@ from torch import nn
 
 from p4opt._typing import Tensor
 from p4opt.exceptions import ShapeError
+from p4opt.linalg.metrics import sum_complement
 
 __all__ = ["AffineSpace", "DenseSpace", "sum_complement"]
-
-
-def sum_complement(z: Tensor) -> Tensor:
-    r"""Map ``z[..., m-1]`` to ``[..., m]`` through an orthonormal basis of :math:`\mathbf 1^\perp`.
-
-    The basis is the first :math:`m-1` columns of the Householder reflection
-    :math:`H` that swaps :math:`e_m` and :math:`\mathbf 1/\sqrt m`, so
-
-    .. math:: (Hz)_i = z_i - \frac{s}{m - \sqrt m}\ (i < m), \qquad
-              (Hz)_m = \frac{s}{\sqrt m}, \qquad s = \textstyle\sum_i z_i .
-
-    The output sums to zero and has the norm of ``z``. Cost :math:`O(m)` per row.
-
-    Examples
-    --------
-    >>> import torch
-    >>> z = torch.randn(4, 5, dtype=torch.float64)
-    >>> y = sum_complement(z)
-    >>> y.shape, bool(y.sum(-1).abs().max() < 1e-12)
-    (torch.Size([4, 6]), True)
-    >>> torch.allclose(y.norm(dim=-1), z.norm(dim=-1))
-    True
-    """
-    m = z.shape[-1] + 1
-    root = math.sqrt(m)
-    s = z.sum(-1, keepdim=True)
-    return torch.cat([z - s / (m - root), s / root], dim=-1)
 
 
 class AffineSpace(nn.Module, abc.ABC):

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from p4opt import linalg_orthogonal as rotations
+from p4opt import linalg as rotations
 from p4opt._typing import Tensor
 from p4opt._validate import check_choice, check_number
 from p4opt.errors import ShapeError, describe

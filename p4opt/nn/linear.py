@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from p4opt import linalg
 from p4opt._typing import Tensor
 from p4opt.exceptions import ShapeError, describe
 from p4opt.families.invertible import Invertible
@@ -20,7 +21,7 @@ __all__ = ["InvertibleLinear", "random_orthogonal"]
 def random_orthogonal(
     *shape: int, generator: torch.Generator | None = None, dtype: torch.dtype | None = None
 ) -> Tensor:
-    """Haar-random orthogonal matrices of shape ``(*, n, n)`` (QR of a Gaussian with sign fix).
+    """Haar-random orthogonal matrices ``(*, n, n)`` (:func:`p4opt.linalg.random_orthogonal`).
 
     Examples
     --------
@@ -29,10 +30,12 @@ def random_orthogonal(
     >>> torch.allclose(q @ q.mT, torch.eye(4, dtype=torch.float64).expand(3, 4, 4))
     True
     """
-    g = torch.randn(*shape, generator=generator, dtype=torch.float64)
-    q, r = torch.linalg.qr(g)
-    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
-    return q.to(dtype or torch.get_default_dtype())
+    *batch, n, m = shape
+    if n != m:
+        raise ShapeError(f"random_orthogonal needs a square shape (*, n, n), got {tuple(shape)}")
+    return linalg.random_orthogonal(
+        n, generator=generator, dtype=dtype or torch.get_default_dtype(), batch=tuple(batch)
+    )
 
 
 class InvertibleLinear(Bijection):

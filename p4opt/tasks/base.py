@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import torch
 
+from p4opt import linalg
 from p4opt._typing import Tensor
 from p4opt.baselines import Constrained, Family
 
@@ -14,7 +15,7 @@ __all__ = ["Task", "random_orthogonal"]
 
 
 def random_orthogonal(n: int, generator: torch.Generator, det: float | None = None) -> Tensor:
-    r"""A Haar-random orthogonal matrix in float64 (QR of a Gaussian, signs fixed); :math:`O(n^3)`.
+    r"""A Haar-random orthogonal float64 matrix (:func:`p4opt.linalg.random_orthogonal`).
 
     Parameters
     ----------
@@ -31,12 +32,7 @@ def random_orthogonal(n: int, generator: torch.Generator, det: float | None = No
     >>> torch.allclose(q.T @ q, torch.eye(4, dtype=q.dtype)), round(float(torch.det(q)), 6)
     (True, 1.0)
     """
-    gauss = torch.randn(n, n, generator=generator, dtype=torch.float64)
-    q, r = torch.linalg.qr(gauss)
-    q = q * r.diagonal().sign()
-    if det is not None and float(torch.det(q)) * det < 0:
-        q[:, 0] = -q[:, 0]
-    return q
+    return linalg.random_orthogonal(n, generator=generator, det=det)
 
 
 class Task(abc.ABC):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from p4opt import linalg_orthogonal as rotations
+from p4opt import linalg as rotations
 from p4opt._typing import Tensor
 from p4opt.errors import P4ValueError
 from p4opt.families.rotations.base import Rotation

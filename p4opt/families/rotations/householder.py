@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from p4opt import linalg_orthogonal as rotations
+from p4opt import linalg as rotations
 from p4opt._typing import Tensor
 from p4opt._validate import check_int
 from p4opt.errors import P4ValueError

@@ -1,10 +1,15 @@
-r"""Pure linear-algebra kernels behind the P⁴ families (no state, no modules).
+r"""Low-rank updates :math:`A + UV^T`: Woodbury inverse, determinant lemma, validated merge.
 
-Every function accepts leading batch dimensions ``(*, n, n)`` so that stacks of
-equally shaped layers are handled by one kernel, and is differentiable where
-that makes sense. Row-vector convention: a batch of vectors is ``y[..., n]``
-and "applying :math:`M^{-1}` to ``y``" returns ``y @ M^{-T}``, matching
-``torch.nn.Linear`` (``y = x W^T + b``).
+Every function accepts leading batch dimensions ``(*, n, n)``. Row-vector
+convention: a batch of vectors is ``y[..., n]`` and "applying :math:`M^{-1}` to
+``y``" returns ``y @ M^{-T}``, matching ``torch.nn.Linear`` (``y = x W^T + b``).
+
+References
+----------
+.. [1] The Woodbury matrix identity (Sherman–Morrison–Woodbury formula) for
+   the inverse of a low-rank update.
+.. [2] The matrix determinant lemma,
+   :math:`\det(A + UV^T) = \det(I + V^T A^{-1} U) \det A`.
 """
 
 from __future__ import annotations
@@ -14,23 +19,16 @@ import math
 import torch
 
 from p4opt._typing import Tensor
+from p4opt.linalg._common import _eye_like
 
 __all__ = [
     "capacitance",
     "woodbury_inverse",
     "woodbury_solve",
     "lemma_slogdet",
-    "inverse_residual",
-    "newton_schulz_step",
-    "hyperpower_step",
-    "refine_inverse",
     "low_rank_merge_",
     "MERGE_REJECTIONS",
 ]
-
-
-def _eye_like(m: Tensor) -> Tensor:
-    return torch.eye(m.shape[-1], dtype=m.dtype, device=m.device).expand_as(m)
 
 
 def capacitance(inv: Tensor, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -169,106 +167,6 @@ def lemma_slogdet(
     cap = (v.mT @ inv) @ u  # vᵀA⁻¹ first: a row-major product, the fastest layout on CPU
     cap_sign, cap_logabsdet = torch.linalg.slogdet(cap + _eye_like(cap))
     return sign * cap_sign, logabsdet + cap_logabsdet
-
-
-def inverse_residual(a: Tensor, x: Tensor) -> Tensor:
-    r"""Residual :math:`R = I - A X` of an approximate inverse ``x`` of ``a``.
-
-    Cost :math:`O(n^3)`. ``R.abs().amax()`` is the error figure
-    :math:`\lVert A X - I \rVert_{\max}` reported by ``validate``.
-    """
-    return _eye_like(a) - a @ x
-
-
-def newton_schulz_step(a: Tensor, x: Tensor) -> Tensor:
-    r"""One Newton–Schulz step towards :math:`A^{-1}`.
-
-    .. math:: X \leftarrow X (2I - A X) = X (I + R), \qquad R = I - A X
-
-    The residual squares: :math:`I - A X_{new} = R^2`, so the step converges
-    quadratically when :math:`\rho(R) < 1`. Cost: two :math:`n^3` products.
-
-    Examples
-    --------
-    >>> import torch
-    >>> a = torch.tensor([[4.0, 1.0], [2.0, 3.0]], dtype=torch.float64)
-    >>> x = torch.linalg.inv(a) + 1e-4
-    >>> err = lambda x: float((a @ x - torch.eye(2)).abs().max())
-    >>> err(newton_schulz_step(a, x)) < err(x) ** 2 * 10
-    True
-    """
-    return x + x @ inverse_residual(a, x)
-
-
-def hyperpower_step(a: Tensor, x: Tensor, order: int = 3) -> Tensor:
-    r"""One hyperpower step of order ``p`` towards :math:`A^{-1}`.
-
-    .. math:: X \leftarrow X \sum_{i=0}^{p-1} R^i, \qquad R = I - A X
-
-    so that :math:`I - A X_{new} = R^p`: order 2 is Newton–Schulz; the
-    higher-order Schulz-type schemes of Soleymani and others are factorized
-    members of this family that save products. Evaluated in Horner form with
-    ``p`` products of cost :math:`n^3`.
-
-    Examples
-    --------
-    >>> import torch
-    >>> a = torch.tensor([[4.0, 1.0], [2.0, 3.0]], dtype=torch.float64)
-    >>> x = torch.linalg.inv(a) + 1e-4
-    >>> float((a @ hyperpower_step(a, x, 3) - torch.eye(2)).abs().max()) < 1e-9
-    True
-    """
-    if not isinstance(order, int) or order < 2:
-        raise ValueError(f"order must be an int >= 2, got {order!r}")
-    r = inverse_residual(a, x)
-    eye = _eye_like(r)
-    s = eye + r
-    for _ in range(order - 2):
-        s = eye + r @ s
-    return x @ s
-
-
-def refine_inverse(
-    a: Tensor, x: Tensor, order: int = 2, max_steps: int = 3, tol: float | None = None
-) -> tuple[Tensor, float]:
-    r"""Refine an approximate inverse by hyperpower steps; fall back to LU when it diverges.
-
-    Parameters
-    ----------
-    a : Tensor, shape (*, n, n)
-        The matrix (use float64 for bookkeeping accuracy).
-    x : Tensor, shape (*, n, n)
-        Current approximation of :math:`A^{-1}`.
-    order : int
-        2 for Newton–Schulz, larger for a higher-order step.
-    max_steps : int
-        Upper bound on steps; stops early once the residual is below ``tol``.
-    tol : float, optional
-        Target :math:`\lVert I - AX \rVert_{\max}`; default ``100 n`` machine epsilons.
-
-    Returns
-    -------
-    x : Tensor, shape (*, n, n)
-        The refined inverse.
-    residual : float
-        :math:`\lVert I - AX \rVert_{\max}` of the returned inverse. Cost
-        :math:`O(p\, n^3)` per step.
-    """
-    n = a.shape[-1]
-    tol = 100 * n * torch.finfo(a.dtype).eps if tol is None else tol
-    res = float(inverse_residual(a, x).abs().amax())
-    if not res < 0.5:  # also catches NaN: the iteration would not contract
-        x = torch.linalg.inv(a)
-        res = float(inverse_residual(a, x).abs().amax())
-    for _ in range(max_steps):
-        if res <= tol:
-            break
-        x_new = newton_schulz_step(a, x) if order == 2 else hyperpower_step(a, x, order)
-        res_new = float(inverse_residual(a, x_new).abs().amax())
-        if not res_new < res:
-            break
-        x, res = x_new, res_new
-    return x, res
 
 
 #: Reasons a low-rank merge is rejected, indexed by the code :func:`low_rank_merge_` returns.

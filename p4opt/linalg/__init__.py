@@ -1,0 +1,62 @@
+r"""Pure linear-algebra kernels behind the P⁴ families (no state, no modules).
+
+Every function accepts leading batch dimensions ``(*, n, n)`` so that stacks of
+equally shaped layers are handled by one kernel, and is differentiable where
+that makes sense. Row-vector convention: a batch of vectors is ``y[..., n]``
+and "applying :math:`M^{-1}` to ``y``" returns ``y @ M^{-T}``, matching
+``torch.nn.Linear`` (``y = x W^T + b``).
+
+Modules: :mod:`~p4opt.linalg.lowrank` (Woodbury, determinant lemma, validated
+merge), :mod:`~p4opt.linalg.refine` (Schulz-type refinement of inverses and
+polar factors), :mod:`~p4opt.linalg.householder` (compact WY reflections),
+:mod:`~p4opt.linalg.givens` (rotations), :mod:`~p4opt.linalg.metrics` (error
+figures, sum-to-zero basis) and :mod:`~p4opt.linalg.random` (Haar sampling).
+"""
+
+from __future__ import annotations
+
+from p4opt.linalg.givens import givens_apply, invert_permutation
+from p4opt.linalg.householder import householder_apply, householder_wy, householder_wy_inverse
+from p4opt.linalg.lowrank import (
+    MERGE_REJECTIONS,
+    capacitance,
+    lemma_slogdet,
+    low_rank_merge_,
+    woodbury_inverse,
+    woodbury_solve,
+)
+from p4opt.linalg.metrics import orthogonality_error, sum_complement
+from p4opt.linalg.random import random_orthogonal
+from p4opt.linalg.refine import (
+    hyperpower_step,
+    inverse_residual,
+    newton_schulz_polar_step,
+    newton_schulz_step,
+    polar_factor,
+    refine_inverse,
+    refine_orthogonal,
+)
+
+__all__ = [
+    "capacitance",
+    "woodbury_inverse",
+    "woodbury_solve",
+    "lemma_slogdet",
+    "low_rank_merge_",
+    "MERGE_REJECTIONS",
+    "inverse_residual",
+    "newton_schulz_step",
+    "hyperpower_step",
+    "refine_inverse",
+    "newton_schulz_polar_step",
+    "refine_orthogonal",
+    "polar_factor",
+    "householder_wy",
+    "householder_wy_inverse",
+    "householder_apply",
+    "givens_apply",
+    "invert_permutation",
+    "orthogonality_error",
+    "sum_complement",
+    "random_orthogonal",
+]

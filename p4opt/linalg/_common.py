@@ -1,0 +1,14 @@
+"""Helper shared by the modules of :mod:`p4opt.linalg` (private)."""
+
+from __future__ import annotations
+
+import torch
+
+from p4opt._typing import Tensor
+
+__all__: list[str] = []
+
+
+def _eye_like(m: Tensor) -> Tensor:
+    """Identity of the shape ``(*, n, n)``, dtype and device of ``m`` (an expanded view)."""
+    return torch.eye(m.shape[-1], dtype=m.dtype, device=m.device).expand_as(m)
