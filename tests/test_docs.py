@@ -22,6 +22,8 @@ PUBLIC_MODULES = [
     "p4opt.linalg",
     "p4opt.linalg_orthogonal",
     "p4opt.linalg.lowrank",
+    "p4opt.linalg.merge",
+    "p4opt.linalg.sketch",
     "p4opt.linalg.refine",
     "p4opt.linalg.householder",
     "p4opt.linalg.givens",

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import random_invertible
 
+import p4opt
 from p4opt import linalg
 
 
@@ -110,7 +111,7 @@ def test_low_rank_merge_rejects_overflow_in_storage_dtype():
     v = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
     sign, lad = torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
     code, _ = linalg.low_rank_merge_(a, a.clone(), sign, lad, u, v, out_dtype=torch.float32)
-    assert linalg.MERGE_REJECTIONS[int(code)] == "non-finite merged matrix" and torch.equal(
+    assert linalg.MERGE_REJECTIONS[int(code)] == "non-finite merged tensor" and torch.equal(
         a, torch.eye(2, dtype=torch.float64)
     )
     assert float(lad) == 0.0
@@ -176,3 +177,39 @@ def test_random_orthogonal_is_reproducible_and_matches_the_old_call_sites():
     assert torch.equal(b, linalg.random_orthogonal(6, generator=gen(), batch=(2,)))
     with pytest.raises(ValueError, match="det"):
         linalg.random_orthogonal(3, generator=gen(), det=2.0)
+
+
+def test_merge_rejection_names_are_the_reasons_of_the_merge_cycle():
+    reasons = [r.value for r in p4opt.Reason]
+    assert list(linalg.MERGE_REJECTIONS) == reasons[: len(linalg.MERGE_REJECTIONS)]
+
+
+def test_range_finder_recovers_a_low_rank_matrix_and_warm_starts():
+    g = torch.Generator().manual_seed(0)
+    left, right = torch.randn(2, 3, 40, 5, generator=g, dtype=torch.float64).unbind(0)
+    delta = left @ right.mT  # a stack of three rank-5 matrices
+    start = torch.linalg.qr(torch.randn(3, 40, 5, generator=g, dtype=torch.float64)).Q
+    u, v, basis = linalg.range_finder(delta, start, power_iters=0)
+    assert (u @ v.mT - delta).abs().max() < 1e-10
+    assert (basis.mT @ basis - torch.eye(5, dtype=torch.float64)).abs().max() < 1e-12
+    noisy = delta + 1e-3 * torch.randn(3, 40, 40, generator=g, dtype=torch.float64)
+    u, v, _ = linalg.range_finder(noisy, basis, power_iters=1)  # warm start from the last basis
+    best = torch.linalg.svdvals(noisy)[..., 5:].square().sum(-1).sqrt()  # optimal rank-5 error
+    assert ((u @ v.mT - noisy).norm(dim=(-2, -1)) < 1.5 * best).all()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_feasible_scale_is_the_largest_grid_fraction_inside_the_bounds(k):
+    g = torch.Generator().manual_seed(k)
+    inv = torch.eye(6, dtype=torch.float64)
+    u, v = torch.randn(2, 6, k, generator=g, dtype=torch.float64).unbind(0)
+    u = 3 * u
+    lad = torch.tensor(0.0, dtype=torch.float64)
+    t = float(linalg.feasible_scale(inv, lad, u, v, (-0.5, 0.5), (-math.inf, math.inf), math.inf))
+
+    def inside(s: float) -> bool:
+        return abs(float(torch.linalg.slogdet(torch.eye(k) + s * v.mT @ u)[1])) <= 0.5
+
+    assert 0 < t <= 1 and inside(t)
+    if t < 1:
+        assert not inside(min(1.0, t * 2**0.5))  # the next grid point up fails

@@ -8,12 +8,12 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from p4opt import _lowrank_merge as lowrank
 from p4opt import linalg
 from p4opt._typing import Tensor
 from p4opt._validate import check_bounds, check_choice, check_dtype, check_int, check_number
 from p4opt.errors import ShapeError, SingularMatrixError, describe
 from p4opt.families.invertible_updates import Factored, Projected, UpdateRule
+from p4opt.linalg import merge as lowrank
 from p4opt.perturbation import Perturbation, Proposal, ValidationReport
 
 __all__ = ["Invertible", "default_rank"]

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from p4opt import _lowrank_merge as lowrank
 from p4opt import linalg
 from p4opt._typing import Tensor
 
@@ -173,7 +172,7 @@ class Projected(UpdateRule):
         if pert.rank >= n:  # the whole change, exactly
             eye = torch.eye(n, dtype=delta.dtype, device=delta.device).expand_as(delta)
             return delta, eye
-        u, v, right = lowrank.range_finder(delta, pert.basis, pert.power_iters)
+        u, v, right = linalg.range_finder(delta, pert.basis, pert.power_iters)
         pert.basis.copy_(right)
         return u, v
 

@@ -6,24 +6,27 @@ that makes sense. Row-vector convention: a batch of vectors is ``y[..., n]``
 and "applying :math:`M^{-1}` to ``y``" returns ``y @ M^{-T}``, matching
 ``torch.nn.Linear`` (``y = x W^T + b``).
 
-Modules: :mod:`~p4opt.linalg.lowrank` (Woodbury, determinant lemma, validated
-merge), :mod:`~p4opt.linalg.refine` (Schulz-type refinement of inverses and
-polar factors), :mod:`~p4opt.linalg.householder` (compact WY reflections),
-:mod:`~p4opt.linalg.givens` (rotations), :mod:`~p4opt.linalg.metrics` (error
-figures, sum-to-zero basis) and :mod:`~p4opt.linalg.random` (Haar sampling).
+Modules: :mod:`~p4opt.linalg.lowrank` (Woodbury, determinant lemma),
+:mod:`~p4opt.linalg.merge` (validated and partial low-rank merges),
+:mod:`~p4opt.linalg.sketch` (randomized range finder),
+:mod:`~p4opt.linalg.refine` (Schulz-type refinement of inverses and polar factors),
+:mod:`~p4opt.linalg.householder` (compact WY reflections), :mod:`~p4opt.linalg.givens`
+(rotations), :mod:`~p4opt.linalg.metrics` (error figures, sum-to-zero basis) and
+:mod:`~p4opt.linalg.random` (Haar sampling).
 """
 
 from __future__ import annotations
 
 from p4opt.linalg.givens import givens_apply, invert_permutation
 from p4opt.linalg.householder import householder_apply, householder_wy, householder_wy_inverse
-from p4opt.linalg.lowrank import (
+from p4opt.linalg.lowrank import capacitance, lemma_slogdet, woodbury_inverse, woodbury_solve
+from p4opt.linalg.merge import (
     MERGE_REJECTIONS,
-    capacitance,
-    lemma_slogdet,
+    LowRankCheck,
+    feasible_scale,
+    low_rank_check,
+    low_rank_fold_,
     low_rank_merge_,
-    woodbury_inverse,
-    woodbury_solve,
 )
 from p4opt.linalg.metrics import orthogonality_error, sum_complement
 from p4opt.linalg.random import random_orthogonal
@@ -36,14 +39,20 @@ from p4opt.linalg.refine import (
     refine_inverse,
     refine_orthogonal,
 )
+from p4opt.linalg.sketch import range_finder
 
 __all__ = [
     "capacitance",
     "woodbury_inverse",
     "woodbury_solve",
     "lemma_slogdet",
+    "low_rank_check",
+    "low_rank_fold_",
     "low_rank_merge_",
+    "LowRankCheck",
+    "feasible_scale",
     "MERGE_REJECTIONS",
+    "range_finder",
     "inverse_residual",
     "newton_schulz_step",
     "hyperpower_step",

@@ -14,8 +14,6 @@ References
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from p4opt._typing import Tensor
@@ -26,8 +24,6 @@ __all__ = [
     "woodbury_inverse",
     "woodbury_solve",
     "lemma_slogdet",
-    "low_rank_merge_",
-    "MERGE_REJECTIONS",
 ]
 
 
@@ -167,133 +163,3 @@ def lemma_slogdet(
     cap = (v.mT @ inv) @ u  # vᵀA⁻¹ first: a row-major product, the fastest layout on CPU
     cap_sign, cap_logabsdet = torch.linalg.slogdet(cap + _eye_like(cap))
     return sign * cap_sign, logabsdet + cap_logabsdet
-
-
-#: Reasons a low-rank merge is rejected, indexed by the code :func:`low_rank_merge_` returns.
-MERGE_REJECTIONS = (
-    "ok",
-    "non-finite update",
-    "singular update",
-    "update log|det| outside bounds",
-    "ill-conditioned update",
-    "log|det| outside bounds",
-    "non-finite merged matrix",
-)
-
-
-def _addmm_(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> None:
-    """``out += alpha * a @ b`` in place, without an (n, n) temporary for 2-D and 3-D ``out``."""
-    if out.ndim == 2:
-        out.addmm_(a, b, alpha=alpha)
-    elif out.ndim == 3:
-        out.baddbmm_(a, b, alpha=alpha)
-    else:
-        out.add_(a @ b, alpha=alpha)
-
-
-def _condition(m: Tensor) -> Tensor:
-    """2-norm condition number of small matrices ``(*, k, k)`` (1 for k = 1)."""
-    if m.shape[-1] == 1:
-        return torch.ones(m.shape[:-2], dtype=m.dtype, device=m.device)
-    s = torch.linalg.svdvals(torch.where(torch.isfinite(m), m, 0))
-    return s[..., 0] / s[..., -1]
-
-
-def _max_abs(x: Tensor) -> Tensor:
-    """Largest magnitude of each matrix in ``x[..., n, m]``, one pass, no temporary."""
-    low, high = torch.aminmax(x.flatten(-2), dim=-1)
-    return torch.maximum(high, -low)
-
-
-def low_rank_merge_(
-    matrix: Tensor,
-    inv: Tensor,
-    sign: Tensor,
-    logabsdet: Tensor,
-    u: Tensor,
-    v: Tensor,
-    update_bounds: tuple[float, float] = (-math.inf, math.inf),
-    logdet_bounds: tuple[float, float] = (-math.inf, math.inf),
-    out_dtype: torch.dtype | None = None,
-    max_condition: float = math.inf,
-) -> tuple[Tensor, Tensor]:
-    r"""Validate :math:`A \leftarrow A + UV^T`; apply it in place with its inverse and log|det|.
-
-    Each batch element is accepted only if ``u`` and ``v`` are finite, the
-    capacitance :math:`C = I + V^T A^{-1} U` is non-singular with
-    :math:`\log|\det C|` inside ``update_bounds`` and condition number
-    :math:`\sigma_{\max}(C)/\sigma_{\min}(C)` at most ``max_condition`` (for
-    rank one the two checks coincide; for higher rank the second keeps every
-    direction of the update well conditioned), the new
-    :math:`\log|\det A|` lies inside ``logdet_bounds``, and bounds on the
-    entries show that neither the merged matrix (stored in ``out_dtype``) nor
-    its inverse can overflow. Accepted elements of ``matrix``, ``inv``,
-    ``sign`` and ``logabsdet`` are updated in place (Woodbury and the
-    determinant lemma); rejected elements receive a zero update and keep their
-    values. All checks run on :math:`O(nk)` quantities before anything is
-    written, and the updates are rank-k products accumulated in place, so no
-    :math:`n \times n` temporary is allocated for 2-D and 3-D inputs.
-
-    Parameters
-    ----------
-    matrix, inv : Tensor, shape (*, n, n)
-        :math:`A` and :math:`A^{-1}` (finite), updated in place.
-    sign, logabsdet : Tensor, shape (*)
-        Updated in place.
-    u, v : Tensor, shape (*, n, k)
-    update_bounds, logdet_bounds : (float, float)
-    out_dtype : torch.dtype, optional
-        Dtype the merged matrix will be stored in (checked for overflow).
-    max_condition : float
-        Largest accepted 2-norm condition number of :math:`C`.
-
-    Returns
-    -------
-    code : Tensor, shape (*), int64
-        Index into :data:`MERGE_REJECTIONS` (0 = accepted).
-    update_logabsdet : Tensor, shape (*)
-        :math:`\log|\det C|` of the proposed update. Cost :math:`O(n^2 k)`.
-
-    Examples
-    --------
-    >>> import torch
-    >>> a, inv = torch.eye(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)
-    >>> sign, lad = torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
-    >>> u = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
-    >>> code, _ = low_rank_merge_(a, inv, sign, lad, u, u)
-    >>> int(code), a.diagonal().tolist(), inv.diagonal().tolist(), round(float(lad.exp()), 12)
-    (0, [2.0, 1.0], [0.5, 1.0], 2.0)
-    """
-    finite_uv = torch.isfinite(u).all(-1).all(-1) & torch.isfinite(v).all(-1).all(-1)
-    u = torch.where(finite_uv[..., None, None], u, 0)
-    v = torch.where(finite_uv[..., None, None], v, 0)
-    inv_u, cap = capacitance(inv, u, v)
-    cap_sign, cap_logabsdet = torch.linalg.slogdet(cap)
-    new_logabsdet = logabsdet + cap_logabsdet
-    checks = [
-        ~finite_uv,
-        (cap_sign == 0) | ~torch.isfinite(cap_logabsdet),
-        (cap_logabsdet < update_bounds[0]) | (cap_logabsdet > update_bounds[1]),
-        _condition(cap) > max_condition,
-        (new_logabsdet < logdet_bounds[0]) | (new_logabsdet > logdet_bounds[1]),
-    ]
-    code = torch.zeros(cap_sign.shape, dtype=torch.long, device=inv.device)
-    for index, failed in enumerate(checks, start=1):
-        code = torch.where((code == 0) & failed, index, code)
-    ok = (code == 0)[..., None, None]
-    correction = torch.linalg.solve(torch.where(ok, cap, _eye_like(cap)), v.mT @ inv)
-    inv_u, u = torch.where(ok, inv_u, 0), torch.where(ok, u, 0)
-    # entrywise bounds on the results: |X + a bᵀ| <= max|X| + k max|a| max|b|
-    k = u.shape[-1]
-    inv_bound = _max_abs(inv) + k * _max_abs(inv_u) * _max_abs(correction)
-    mat_bound = _max_abs(matrix) + k * _max_abs(u) * _max_abs(v)
-    limit = torch.finfo(out_dtype or matrix.dtype).max
-    overflow = ~(inv_bound < torch.finfo(inv.dtype).max) | ~(mat_bound < limit)
-    code = torch.where((code == 0) & overflow, len(checks) + 1, code)
-    ok_b = code == 0
-    ok = ok_b[..., None, None]
-    _addmm_(inv, torch.where(ok, inv_u, 0), correction, alpha=-1.0)
-    _addmm_(matrix, torch.where(ok, u, 0), v.mT)
-    sign.copy_(torch.where(ok_b, sign * cap_sign, sign))
-    logabsdet.copy_(torch.where(ok_b, new_logabsdet, logabsdet))
-    return code, cap_logabsdet

@@ -1,4 +1,4 @@
-r"""Validated low-rank merges in two halves (check, then fold in place) and partial merges."""
+r"""Validated low-rank merges (check, then fold in place) and partial merges."""
 
 from __future__ import annotations
 
@@ -8,23 +8,33 @@ from dataclasses import dataclass
 import torch
 
 from p4opt._typing import Tensor
+from p4opt.linalg._common import _eye_like
 
 __all__ = [
     "LowRankCheck",
     "low_rank_check",
     "low_rank_fold_",
+    "low_rank_merge_",
     "feasible_scale",
-    "range_finder",
+    "MERGE_REJECTIONS",
     "SCALABLE",
 ]
+
+#: Why a low-rank merge of a stack element is not folded, indexed by the code of
+#: :func:`low_rank_check` (the same order and spelling as :class:`p4opt.Reason`).
+MERGE_REJECTIONS = (
+    "ok",
+    "non-finite update",
+    "singular update",
+    "update log|det| outside bounds",
+    "ill-conditioned update",
+    "log|det| outside bounds",
+    "non-finite merged tensor",
+)
 
 Bounds = tuple[float, float]
 #: Codes (positions in :class:`p4opt.Reason`) of checks that a smaller step can satisfy.
 SCALABLE = (2, 3, 4, 5)
-
-
-def _eye_like(m: Tensor) -> Tensor:
-    return torch.eye(m.shape[-1], dtype=m.dtype, device=m.device).expand_as(m)
 
 
 def _max_abs(x: Tensor) -> Tensor:
@@ -198,44 +208,67 @@ def feasible_scale(
     return torch.where(first < steps, t[first.clamp_max(steps - 1)], 0.0)
 
 
-def range_finder(
-    delta: Tensor, basis: Tensor, power_iters: int = 1
-) -> tuple[Tensor, Tensor, Tensor]:
-    r"""Best rank-k factors of ``delta`` by a warm-started randomized range finder.
+def low_rank_merge_(
+    matrix: Tensor,
+    inv: Tensor,
+    sign: Tensor,
+    logabsdet: Tensor,
+    u: Tensor,
+    v: Tensor,
+    update_bounds: tuple[float, float] = (-math.inf, math.inf),
+    logdet_bounds: tuple[float, float] = (-math.inf, math.inf),
+    out_dtype: torch.dtype | None = None,
+    max_condition: float = math.inf,
+) -> tuple[Tensor, Tensor]:
+    r"""Validate :math:`A \leftarrow A + UV^T`; apply it in place with its inverse and log|det|.
 
-    .. math:: Q = \mathrm{orth}(\Delta\,\Omega), \quad
-              (Z = \mathrm{orth}(\Delta^T Q),\ Q = \mathrm{orth}(\Delta Z))^{p}, \quad
-              \Delta \approx Q\,(Q^T\Delta) = U V^T
-
-    with :math:`\Omega` = ``basis`` (the previous call's right basis: consecutive optimizer
-    updates share their leading directions, so a warm start needs fewer power iterations).
+    Each batch element is accepted only if ``u`` and ``v`` are finite, the
+    capacitance :math:`C = I + V^T A^{-1} U` is non-singular with
+    :math:`\log|\det C|` inside ``update_bounds`` and condition number
+    :math:`\sigma_{\max}(C)/\sigma_{\min}(C)` at most ``max_condition`` (for
+    rank one the two checks coincide; for higher rank the second keeps every
+    direction of the update well conditioned), the new
+    :math:`\log|\det A|` lies inside ``logdet_bounds``, and bounds on the
+    entries show that neither the merged matrix (stored in ``out_dtype``) nor
+    its inverse can overflow. Accepted elements of ``matrix``, ``inv``,
+    ``sign`` and ``logabsdet`` are updated in place (Woodbury and the
+    determinant lemma); rejected elements receive a zero update and keep their
+    values. All checks run on :math:`O(nk)` quantities before anything is
+    written, and the updates are rank-k products accumulated in place, so no
+    :math:`n \times n` temporary is allocated for 2-D and 3-D inputs.
 
     Parameters
     ----------
-    delta : Tensor, shape (*, n, n)
-    basis : Tensor, shape (*, n, k)
-        Start basis :math:`\Omega` (any full-rank matrix; random the first time).
-    power_iters : int
-        Power iterations ``p`` (each costs two :math:`O(n^2k)` products and two QRs).
+    matrix, inv : Tensor, shape (*, n, n)
+        :math:`A` and :math:`A^{-1}` (finite), updated in place.
+    sign, logabsdet : Tensor, shape (*)
+        Updated in place.
+    u, v : Tensor, shape (*, n, k)
+    update_bounds, logdet_bounds : (float, float)
+    out_dtype : torch.dtype, optional
+        Dtype the merged matrix will be stored in (checked for overflow).
+    max_condition : float
+        Largest accepted 2-norm condition number of :math:`C`.
 
     Returns
     -------
-    u : Tensor, shape (*, n, k)
-        Orthonormal basis :math:`Q` of the approximate range.
-    v : Tensor, shape (*, n, k)
-        :math:`\Delta^T Q`, so that :math:`UV^T = QQ^T\Delta`.
-    right : Tensor, shape (*, n, k)
-        Orthonormal right basis, the warm start of the next call.
-        Cost :math:`O((2p + 2)\,n^2 k + n k^2)`.
+    code : Tensor, shape (*), int64
+        Index into :data:`MERGE_REJECTIONS` (0 = accepted).
+    update_logabsdet : Tensor, shape (*)
+        :math:`\log|\det C|` of the proposed update. Cost :math:`O(n^2 k)`.
 
-    References
-    ----------
-    N. Halko, P.-G. Martinsson, J. A. Tropp, "Finding structure with randomness:
-    probabilistic algorithms for constructing approximate matrix decompositions",
-    SIAM Review 53 (2011), Algorithm 4.4.
+    Examples
+    --------
+    >>> import torch
+    >>> a, inv = torch.eye(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)
+    >>> sign, lad = torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+    >>> u = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
+    >>> code, _ = low_rank_merge_(a, inv, sign, lad, u, u)
+    >>> int(code), a.diagonal().tolist(), inv.diagonal().tolist(), round(float(lad.exp()), 12)
+    (0, [2.0, 1.0], [0.5, 1.0], 2.0)
     """
-    q = torch.linalg.qr(delta @ basis).Q
-    for _ in range(power_iters):
-        q = torch.linalg.qr(delta @ torch.linalg.qr(delta.mT @ q).Q).Q
-    v = delta.mT @ q
-    return q, v, torch.linalg.qr(v).Q
+    check = low_rank_check(
+        matrix, inv, logabsdet, u, v, update_bounds, logdet_bounds, max_condition, out_dtype
+    )
+    low_rank_fold_(matrix, inv, sign, logabsdet, u, v, check)
+    return check.codes, check.cap_logabsdet
