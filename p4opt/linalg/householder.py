@@ -6,7 +6,7 @@ a matrix :math:`Q` (its rows are vectors) or a batch.
 
 References
 ----------
-.. [1] The compact WY representation of products of Householder matrices
+- The compact WY representation of products of Householder matrices
    (SIAM J. Sci. Stat. Comput. 10(1), 1989): :math:`H_1 \cdots H_k = I - W T W^T`
    with :math:`T` upper triangular.
 """

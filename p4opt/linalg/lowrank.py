@@ -6,9 +6,9 @@ convention: a batch of vectors is ``y[..., n]`` and "applying :math:`M^{-1}` to
 
 References
 ----------
-.. [1] The Woodbury matrix identity (Sherman–Morrison–Woodbury formula) for
+- The Woodbury matrix identity (Sherman–Morrison–Woodbury formula) for
    the inverse of a low-rank update.
-.. [2] The matrix determinant lemma,
+- The matrix determinant lemma,
    :math:`\det(A + UV^T) = \det(I + V^T A^{-1} U) \det A`.
 """
 

@@ -9,9 +9,9 @@ decreasing or reaches the tolerance.
 
 References
 ----------
-.. [1] The Newton–Schulz iteration for the matrix inverse and its higher-order
+- The Newton–Schulz iteration for the matrix inverse and its higher-order
    hyperpower generalisations (higher-order Schulz-type methods).
-.. [2] The Newton–Schulz iteration for the polar decomposition, as analysed in
+- The Newton–Schulz iteration for the polar decomposition, as analysed in
    *Functions of Matrices: Theory and Computation* (SIAM, 2008), chapter 8.
 """
 
