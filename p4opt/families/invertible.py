@@ -77,7 +77,8 @@ class Invertible(Perturbation):
         Every this many merges, refine the stored inverse by an iterative step
         (``refine_order``) and recompute log|det| by LU. ``None`` disables corrections.
     update_logdet_bounds : (float, float), optional
-        Bounds on :math:`\log|\det C|` of one merged update; default :math:`(-2k, 2k)`.
+        Bounds on :math:`\log|\det C|` of one merged update; default :math:`(-k/2, k/2)`
+        (projected, merged every step) or :math:`(-2k, 2k)` (factored).
     max_update_condition : float
         Largest 2-norm condition number of :math:`C` (the factor by which the Woodbury
         update can amplify rounding).
@@ -132,7 +133,6 @@ class Invertible(Perturbation):
         "precise_base",
         "sign_base",
         "logabsdet_base",
-        "basis",
     )
 
     def __init__(
@@ -189,9 +189,10 @@ class Invertible(Perturbation):
             self.rank = default_rank(n)
         if self.rank > n and self.update == "factored":
             raise ShapeError(f"rank {self.rank} exceeds the size {n} of {self.where}")
-        if self._bounds_given is None:
+        if self._bounds_given is None:  # per direction: e^{±1/2} (projected), e^{±2} (factored)
             k = min(self.rank, n)
-            self.update_logdet_bounds = (-2.0 * k, 2.0 * k)
+            per = 0.5 if self.update == "projected" else 2.0
+            self.update_logdet_bounds = (-per * k, per * k)
         matrix = matrix.to(self.dtype)
         if matrix.device.type == "meta":
             inv, sign, logabsdet = matrix.clone(), matrix[..., 0, 0], matrix[..., 0, 0]

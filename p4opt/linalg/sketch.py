@@ -9,44 +9,49 @@ from p4opt._typing import Tensor
 __all__ = ["range_finder"]
 
 
-def range_finder(
-    delta: Tensor, basis: Tensor, power_iters: int = 1
-) -> tuple[Tensor, Tensor, Tensor]:
-    r"""Best rank-k factors of ``delta`` by a warm-started randomized range finder.
+def range_finder(delta: Tensor, start: Tensor, power_iters: int = 1) -> tuple[Tensor, Tensor]:
+    r"""Rank-k factors :math:`UV^T \approx \Delta` by a randomized range finder.
 
     .. math:: Q = \mathrm{orth}(\Delta\,\Omega), \quad
-              (Z = \mathrm{orth}(\Delta^T Q),\ Q = \mathrm{orth}(\Delta Z))^{p}, \quad
-              \Delta \approx Q\,(Q^T\Delta) = U V^T
+              \big(Q \leftarrow \mathrm{orth}(\Delta\,\mathrm{orth}(\Delta^T Q))\big)^{p},
+              \quad \Delta \approx Q\,(Q^T\Delta) = U V^T
 
-    with :math:`\Omega` = ``basis`` (the previous call's right basis: consecutive optimizer
-    updates share their leading directions, so a warm start needs fewer power iterations).
+    With a Gaussian start :math:`\Omega` and ``p`` power iterations, :math:`QQ^T\Delta` is
+    close to the best rank-k approximation of :math:`\Delta` when its singular values decay.
 
     Parameters
     ----------
-    delta : Tensor, shape (*, n, n)
-    basis : Tensor, shape (*, n, k)
-        Start basis :math:`\Omega` (any full-rank matrix; random the first time).
+    delta : Tensor, shape (*, n, m)
+    start : Tensor, shape (*, m, k)
+        The test matrix :math:`\Omega` (e.g. Gaussian).
     power_iters : int
-        Power iterations ``p`` (each costs two :math:`O(n^2k)` products and two QRs).
+        Power iterations ``p`` (each costs two :math:`O(nmk)` products and two thin QRs).
 
     Returns
     -------
     u : Tensor, shape (*, n, k)
         Orthonormal basis :math:`Q` of the approximate range.
-    v : Tensor, shape (*, n, k)
+    v : Tensor, shape (*, m, k)
         :math:`\Delta^T Q`, so that :math:`UV^T = QQ^T\Delta`.
-    right : Tensor, shape (*, n, k)
-        Orthonormal right basis, the warm start of the next call.
-        Cost :math:`O((2p + 2)\,n^2 k + n k^2)`.
+        Cost :math:`O((2p + 2)\,nmk + (p + 1)\,nk^2)`.
 
     References
     ----------
     N. Halko, P.-G. Martinsson, J. A. Tropp, "Finding structure with randomness:
     probabilistic algorithms for constructing approximate matrix decompositions",
-    SIAM Review 53 (2011), Algorithm 4.4.
+    SIAM Review 53 (2011), Algorithms 4.3 and 4.4.
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> a, b = torch.randn(2, 30, 3, generator=g, dtype=torch.float64)
+    >>> omega = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    >>> u, v = range_finder(a @ b.T, omega)
+    >>> bool((u @ v.T - a @ b.T).abs().max() < 1e-10)
+    True
     """
-    q = torch.linalg.qr(delta @ basis).Q
+    q = torch.linalg.qr(delta @ start).Q
     for _ in range(power_iters):
         q = torch.linalg.qr(delta @ torch.linalg.qr(delta.mT @ q).Q).Q
-    v = delta.mT @ q
-    return q, v, torch.linalg.qr(v).Q
+    return q, delta.mT @ q
