@@ -249,3 +249,21 @@ def test_shape_errors_name_the_expected_shape() -> None:
     with pytest.raises(p4opt.ShapeError):
         linear_bent_chain(torch.zeros(4, 2), torch.zeros(3, 2, 2), torch.zeros(2, 2))
     assert math.isfinite(float(InvertibleLinear(2).log_det().detach()))
+
+
+def test_native_loops_refuse_bad_arguments_and_warn_when_they_fall_back(monkeypatch):
+    if not _native.available(torch.zeros(1)):
+        pytest.skip("no C compiler here")
+    mt = torch.zeros(3, 2, 5, dtype=F64)
+    with pytest.raises(p4opt.P4ValueError, match="states must have shape"):
+        _native.forward_states(mt, torch.zeros(3, 5, 7, dtype=F64), torch.zeros(7, dtype=F64))
+    with pytest.raises(p4opt.P4ValueError, match="contiguous CPU"):
+        _native.forward_states(mt.mT.contiguous().mT, torch.zeros(4, 5, 7), torch.zeros(7))
+    _native._library.cache_clear()
+    monkeypatch.setenv("CC", "no-such-compiler-anywhere")
+    monkeypatch.setattr(_native.shutil, "which", lambda name: None)
+    try:
+        with pytest.warns(RuntimeWarning, match="compiled chain loops unavailable"):
+            assert not _native.available(torch.zeros(1))
+    finally:
+        _native._library.cache_clear()
