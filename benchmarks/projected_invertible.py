@@ -29,8 +29,18 @@ __all__ = ["range_finder", "partial_scale", "merge_scaled_", "ProjectedInvertibl
 
 
 def _orth(x: Tensor) -> Tensor:
-    """Orthonormal basis of the columns of ``x[..., n, k]`` (reduced QR)."""
-    return torch.linalg.qr(x).Q
+    """Orthonormal basis of the columns of ``x[..., n, k]``.
+
+    Cholesky QR in float64 (two ``O(n k^2)`` products, several times faster than Householder QR
+    on CPU for ``n >> k``), with Householder QR where the Gram matrix is not positive definite.
+    The columns are orthonormal to about ``cond(x)^2`` float64 epsilons: enough here, since a
+    merge is exact for whatever ``U``, ``V`` it is given.
+    """
+    x64 = x.double()
+    chol, info = torch.linalg.cholesky_ex(x64.mT @ x64, upper=True)
+    if bool((info != 0).any()):
+        return torch.linalg.qr(x).Q
+    return torch.linalg.solve_triangular(chol, x64, upper=True, left=False).to(x.dtype)
 
 
 def range_finder(
@@ -126,8 +136,8 @@ def partial_scale(
     t : Tensor, shape (*)
     figures : dict
         ``inv_u`` (:math:`A^{-1}U`, (*, n, k)), ``cap`` (:math:`C(t)`, (*, k, k)),
-        ``cap_sign`` and ``cap_logabsdet`` ((*)) for :func:`merge_scaled_`. Cost :math:`O(n^2 k)` plus
-        :math:`O(k^3)` per search step.
+        ``cap_sign`` and ``cap_logabsdet`` ((*)) for :func:`merge_scaled_`. Cost
+        :math:`O(n^2 k)` plus :math:`O(k^3)` per search step.
 
     Examples
     --------
@@ -289,7 +299,7 @@ class ProjectedInvertible(nn.Module):
         return self.base + self.delta
 
     def logabsdet(self) -> Tensor:
-        r""":math:`\log|\det A| + \langle A^{-T}, D\rangle`: exact with gradient while :math:`D = 0`.
+        r""":math:`\log|\det A| + \langle A^{-T}, D\rangle`, exact with its gradient at D = 0.
 
         With ``merge_every > 1`` :math:`D \ne 0` between merges and dense ``slogdet``
         (:math:`O(n^3)`) is used instead: that setting is for counting steps only.
@@ -314,7 +324,7 @@ class ProjectedInvertible(nn.Module):
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """Merge the best rank-k part of :math:`D` (partially when out of bounds); zero :math:`D`."""
+        """Merge the best rank-k part of :math:`D` (partly when out of bounds); zero :math:`D`."""
         self.steps += 1
         if self.steps % self.merge_every:
             return
