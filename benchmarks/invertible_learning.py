@@ -146,14 +146,15 @@ def step_cost(names: list[str], task: GaussianML, lrs: dict[str, float], repeats
 
 
 def study(n: int, names: list[str], lrs: list[float], seeds: int, steps: int, repeats: int,
-          window: int, fixed: dict[str, float] | None = None) -> dict[str, Any]:
+          window: int, fixed: dict[str, float] | None = None, first_seed: int = 0
+          ) -> dict[str, Any]:
     """Grid over lr and seeds per method at size ``n``; best lr by median steps; step costs.
 
     ``fixed`` maps method names to a single learning rate used instead of the grid.
     """
     fixed = fixed or {}
     runs = []
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         task = GaussianML(n, seed)
         for name in names:
             for lr in [fixed[name]] if name in fixed else lrs:
@@ -267,6 +268,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated names")
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2, 1e-1])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--fixed-lr", default="", help="NAME=LR,... : one lr instead of the grid")
     parser.add_argument("--steps", type=int, default=400, help="step cap per run")
     parser.add_argument("--repeats", type=int, default=5, help="timed windows per method")
@@ -287,7 +289,8 @@ def main() -> None:
     result: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "sizes": []}
     for n in args.sizes:
         fixed = {k: float(v) for k, v in (p.split("=") for p in args.fixed_lr.split(",") if p)}
-        res = study(n, names, args.lrs, args.seeds, args.steps, args.repeats, args.window, fixed)
+        res = study(n, names, args.lrs, args.seeds, args.steps, args.repeats, args.window, fixed,
+                    args.first_seed)
         result["sizes"].append(res)
         print(f"\nn = {n}: method | lr | median steps | steps/dense | step cost/dense | "
               "time/dense | loop time/dense")
