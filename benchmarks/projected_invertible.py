@@ -97,11 +97,6 @@ def range_finder(
     return q, delta.mT @ q, right
 
 
-def _cap_logabsdet(eig: Tensor, t: Tensor) -> Tensor:
-    """:math:`\\log|\\det(I + tM)|` from the eigenvalues ``eig[*, k]`` of ``M``; ``t[*]``."""
-    return torch.log(torch.abs(1 + t[..., None] * eig)).sum(-1)
-
-
 def partial_scale(
     inv: Tensor,
     u: Tensor,
@@ -116,10 +111,12 @@ def partial_scale(
     Accepts :math:`t` when :math:`\log|\det C(t)|` lies in ``bounds`` and the
     2-norm condition number of :math:`C(t)` is at most ``max_condition``. For
     rank one :math:`C(t) = 1 + t m` is linear and :math:`t` is closed-form; for
-    rank k the log|det| comes from the eigenvalues of :math:`M = V^T A^{-1} U`
-    (:math:`\sum_i \log|1 + t\lambda_i|`), the search halves :math:`t` until
-    feasible, then bisects between the feasible and the last infeasible value.
-    ``bounds`` must contain 0, so a small enough :math:`t` always exists.
+    rank k, when :math:`t = 1` fails, a search halves :math:`t` until feasible,
+    then bisects between the feasible and the last infeasible value, each trial
+    an :math:`O(k^3)` ``slogdet`` (and ``svdvals`` for a finite ``max_condition``)
+    of :math:`C(t)`. ``bounds`` must contain 0, so a small enough :math:`t`
+    always exists; an element with no feasible :math:`t` after the halvings gets
+    :math:`t = 0` (no update).
 
     Parameters
     ----------
