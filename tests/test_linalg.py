@@ -213,3 +213,14 @@ def test_feasible_scale_is_the_largest_grid_fraction_inside_the_bounds(k):
     assert 0 < t <= 1 and inside(t)
     if t < 1:
         assert not inside(min(1.0, t * 2**0.5))  # the next grid point up fails
+
+
+def test_condition_check_agrees_with_the_svd_on_both_sides_of_the_cheap_bound():
+    from p4opt.linalg.merge import _condition, _condition_exceeds
+
+    g = torch.Generator().manual_seed(4)
+    for scale in (1e-3, 0.1, 0.9, 3.0):
+        cap = torch.eye(6, dtype=torch.float64) + scale * torch.randn(5, 6, 6, generator=g,
+                                                                      dtype=torch.float64)
+        for limit in (1.5, 10.0, 1e3):
+            assert torch.equal(_condition_exceeds(cap, limit), _condition(cap) > limit)

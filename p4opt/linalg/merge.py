@@ -50,6 +50,21 @@ def _condition(m: Tensor) -> Tensor:
     return s[..., 0] / s[..., -1]
 
 
+def _condition_exceeds(cap: Tensor, limit: float) -> Tensor:
+    r"""Whether :math:`\kappa_2(C) > ` ``limit``, skipping the SVD when a cheap bound settles it.
+
+    With :math:`E = C - I` and :math:`\lVert E\rVert_2 \le \lVert E\rVert_F = e < 1`,
+    :math:`\kappa_2(C) \le (1 + e)/(1 - e)`; merges of small steps are all settled this way.
+    """
+    if not math.isfinite(limit):
+        return torch.zeros(cap.shape[:-2], dtype=torch.bool, device=cap.device)
+    e = torch.linalg.matrix_norm(cap - _eye_like(cap))
+    settled = e < (limit - 1) / (limit + 1)
+    if bool(settled.all()):
+        return torch.zeros(cap.shape[:-2], dtype=torch.bool, device=cap.device)
+    return _condition(cap) > limit
+
+
 @dataclass
 class LowRankCheck:
     """Everything :func:`low_rank_fold_` needs, computed once by :func:`low_rank_check`.
@@ -109,7 +124,7 @@ def low_rank_check(
         ~finite_uv,
         (cap_sign == 0) | ~torch.isfinite(cap_logabsdet),
         (cap_logabsdet < update_bounds[0]) | (cap_logabsdet > update_bounds[1]),
-        _condition(cap) > max_condition,
+        _condition_exceeds(cap, max_condition),
         (new_logabsdet < logdet_bounds[0]) | (new_logabsdet > logdet_bounds[1]),
     ]
     code = torch.zeros(cap_sign.shape, dtype=torch.long, device=inv.device)
