@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from p4opt._typing import Tensor
-from p4opt.exceptions import ShapeError, describe
+from p4opt.errors import ShapeError, describe
 
 __all__ = ["additivity_error", "homogeneity_error", "conservation_error", "symmetry_error"]
 

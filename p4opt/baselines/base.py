@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from p4opt._typing import Tensor
-from p4opt.exceptions import P4Error, ShapeError, describe
+from p4opt.errors import P4Error, ShapeError, describe
 
 __all__ = [
     "Family",

@@ -27,6 +27,7 @@ from p4opt.datasets.toy2d import (
     two_moons,
     two_spirals,
 )
+from p4opt.errors import P4ValueError
 
 __all__ = [
     "NAMES",
@@ -70,14 +71,14 @@ NAMES: tuple[str, ...] = tuple(_SAMPLERS)
 def _resolve(name: str) -> str:
     key = _ALIASES.get(name, name)
     if key not in _SAMPLERS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(NAMES)}")
+        raise P4ValueError(f"unknown dataset {name!r}; expected one of {', '.join(NAMES)}")
     return key
 
 
 def sample(name: str, n: int, generator: torch.Generator | None = None) -> Tensor:
     """``n`` samples ``(n, 2)`` (float64) of the named dataset, drawn with ``generator``."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+        raise P4ValueError(f"n must be a positive int, got {n!r}")
     return _SAMPLERS[_resolve(name)](n, generator)
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from p4opt._typing import Tensor
-from p4opt.exceptions import ShapeError
+from p4opt.errors import P4ValueError, ShapeError
 from p4opt.linalg.metrics import sum_complement
 
 __all__ = ["AffineSpace", "DenseSpace", "sum_complement"]
@@ -97,14 +97,14 @@ class DenseSpace(AffineSpace):
         tol = max(C.shape) * torch.finfo(torch.float64).eps * _amax(s)
         r = int((s > tol).sum())
         if r == p:
-            raise ValueError(
+            raise P4ValueError(
                 f"the constraint C vec(θ) = d fixes every entry of {where} (rank of C = {p} "
                 "= number of entries): nothing is left to train"
             )
         theta0 = torch.linalg.lstsq(C, d.unsqueeze(-1), driver="gelsd").solution.squeeze(-1)
         gap = _amax((C @ theta0 - d).abs())
         if gap > 1e-8 * (1.0 + _amax(d.abs())):
-            raise ValueError(
+            raise P4ValueError(
                 f"the constraint C vec(θ) = d on {where} is inconsistent (empty feasible set): "
                 f"the least-squares residual is {gap:.2e}"
             )

@@ -11,7 +11,7 @@ from torch import nn
 from p4opt import linalg
 from p4opt._typing import Tensor
 from p4opt._validate import check_bounds, check_choice, check_dtype, check_int, check_number
-from p4opt.errors import ShapeError, SingularMatrixError, describe
+from p4opt.errors import P4TypeError, ShapeError, SingularMatrixError, describe
 from p4opt.families.invertible_updates import Factored, Projected, UpdateRule
 from p4opt.linalg import merge as lowrank
 from p4opt.perturbation import Perturbation, Proposal, ValidationReport
@@ -315,7 +315,7 @@ class Invertible(Perturbation):
         n = self.inv.shape[-1]
         stack = self.inv.shape[:-2]
         if not isinstance(y, Tensor) or not y.is_floating_point():
-            raise TypeError(f"y must be a floating-point tensor, got {describe(y)}")
+            raise P4TypeError(f"y must be a floating-point tensor, got {describe(y)}")
         if y.ndim < 1 + len(stack) or y.shape[y.ndim - 1 - len(stack):] != (*stack, n):
             want = ", ".join(str(d) for d in (*stack, n))
             raise ShapeError(f"y must have shape (..., {want}) for {self.where}, got {describe(y)}")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from p4opt._typing import Tensor
-from p4opt.exceptions import ShapeError, describe
+from p4opt.errors import P4TypeError, P4ValueError, ShapeError, describe
 from p4opt.families.affine import AffineSpace, DenseSpace
 from p4opt.perturbation import Perturbation, Proposal, ValidationReport
 
@@ -21,12 +21,12 @@ RESIDUAL_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-6}
 def _as_float64(name: str, value: Any, ndim: int) -> Tensor:
     tensor = value if isinstance(value, Tensor) else torch.as_tensor(value)
     if tensor.dtype == torch.bool or tensor.is_complex():
-        raise TypeError(f"{name} must hold real numbers, got {describe(tensor)}")
+        raise P4TypeError(f"{name} must hold real numbers, got {describe(tensor)}")
     if tensor.ndim != ndim:
         raise ShapeError(f"{name} must be {ndim}-dimensional, got {describe(tensor)}")
     tensor = tensor.detach().to(torch.float64)
     if not torch.isfinite(tensor).all():
-        raise ValueError(f"{name} contains NaN or Inf")
+        raise P4ValueError(f"{name} contains NaN or Inf")
     return tensor
 
 
@@ -113,7 +113,7 @@ class LinearStructure(Perturbation):
         self.d: Tensor | None = None
         if type(self)._make_space is LinearStructure._make_space:
             if C is None or d is None:
-                raise TypeError("LinearStructure needs a constraint matrix C and right-hand side d")
+                raise P4TypeError("LinearStructure needs a constraint matrix C and a right side d")
             C, d = _as_float64("C", C, 2), _as_float64("d", d, 1)
             if C.shape[0] != d.shape[0]:
                 raise ShapeError(f"C has {C.shape[0]} rows but d has {d.shape[0]} entries")
@@ -128,7 +128,7 @@ class LinearStructure(Perturbation):
         Uses the dense fallback (one SVD at registration); redundant rows are fine.
         """
         if not structures or not all(isinstance(s, LinearStructure) for s in structures):
-            raise TypeError("intersection needs one or more LinearStructure instances")
+            raise P4TypeError("intersection needs one or more LinearStructure instances")
         return _Intersection(structures, seed=seed)
 
     # ------------------------------------------------------------ registration

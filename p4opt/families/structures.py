@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from p4opt._typing import Tensor
-from p4opt.exceptions import ShapeError, describe
+from p4opt.errors import P4TypeError, P4ValueError, ShapeError, describe
 from p4opt.families.affine import AffineSpace, sum_complement
 from p4opt.families.linear import LinearStructure
 
@@ -17,7 +17,7 @@ __all__ = ["Symmetric", "ZeroSum", "Circulant", "Fixed"]
 
 def _dim(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
+        raise P4TypeError(f"{name} must be an int, got {value!r}")
     return value
 
 
@@ -38,7 +38,7 @@ class _SymmetricSpace(AffineSpace):
         super().__init__()
         a, b = (_normalize(d, len(shape), where) for d in dims)
         if a == b:
-            raise ValueError(f"Symmetric needs two different dims, got {dims} for {where}")
+            raise P4ValueError(f"Symmetric needs two different dims, got {dims} for {where}")
         n = shape[a]
         if shape[b] != n:
             raise ShapeError(f"Symmetric needs dims {dims} of equal size, but {where} has shape "
@@ -197,7 +197,7 @@ class Symmetric(LinearStructure):
     def __init__(self, dims: tuple[int, int] = (0, 1), *, seed: int | None = None) -> None:
         super().__init__(seed=seed)
         if not isinstance(dims, tuple | list) or len(dims) != 2:
-            raise TypeError(f"dims must be a pair of ints, got {dims!r}")
+            raise P4TypeError(f"dims must be a pair of ints, got {dims!r}")
         self.dims = (_dim(dims[0], "dims[0]"), _dim(dims[1], "dims[1]"))
 
     def _make_space(self, value: Tensor) -> AffineSpace:
@@ -234,7 +234,7 @@ class ZeroSum(LinearStructure):
         super().__init__(seed=seed)
         self.dim = _dim(dim, "dim")
         if not isinstance(value, int | float) or not math.isfinite(value):
-            raise TypeError(f"value must be a finite number, got {value!r}")
+            raise P4TypeError(f"value must be a finite number, got {value!r}")
         self.value = float(value)
 
     def _make_space(self, value: Tensor) -> AffineSpace:
@@ -267,7 +267,7 @@ class Circulant(LinearStructure):
     def __init__(self, total: float | None = None, *, seed: int | None = None) -> None:
         super().__init__(seed=seed)
         if total is not None and (not isinstance(total, int | float) or not math.isfinite(total)):
-            raise TypeError(f"total must be a finite number or None, got {total!r}")
+            raise P4TypeError(f"total must be a finite number or None, got {total!r}")
         self.total = None if total is None else float(total)
 
     def _make_space(self, value: Tensor) -> AffineSpace:
@@ -301,7 +301,7 @@ class Fixed(LinearStructure):
     def __init__(self, mask: Tensor, *, seed: int | None = None) -> None:
         super().__init__(seed=seed)
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor, got {describe(mask)}")
+            raise P4TypeError(f"mask must be a bool tensor, got {describe(mask)}")
         self.mask = mask.detach().clone()
 
     def _make_space(self, value: Tensor) -> AffineSpace:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from p4opt._typing import Tensor
+from p4opt.errors import P4ValueError
 
 __all__ = ["random_orthogonal"]
 
@@ -53,7 +54,7 @@ def random_orthogonal(
     (True, [1.0, 1.0])
     """
     if det is not None and det not in (1, -1):
-        raise ValueError(f"det must be 1, -1 or None, got {det!r}")
+        raise P4ValueError(f"det must be 1, -1 or None, got {det!r}")
     gauss = torch.randn(*batch, n, n, generator=generator, dtype=torch.float64)
     q, r = torch.linalg.qr(gauss)
     q = q * r.diagonal(dim1=-2, dim2=-1).sign().unsqueeze(-2)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from p4opt._typing import Tensor
+from p4opt.errors import P4ValueError
 from p4opt.linalg._common import _eye_like
 from p4opt.linalg.metrics import orthogonality_error
 
@@ -84,7 +85,7 @@ def hyperpower_step(a: Tensor, x: Tensor, order: int = 3) -> Tensor:
     True
     """
     if not isinstance(order, int) or order < 2:
-        raise ValueError(f"order must be an int >= 2, got {order!r}")
+        raise P4ValueError(f"order must be an int >= 2, got {order!r}")
     r = inverse_residual(a, x)
     eye = _eye_like(r)
     s = eye + r

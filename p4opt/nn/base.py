@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from p4opt._typing import Tensor
+from p4opt.errors import P4TypeError
 
 __all__ = ["Bijection", "Flow"]
 
@@ -85,7 +86,7 @@ class Flow(Bijection):
         for i, layer in enumerate(self.layers):
             needed = ("forward_and_log_det", "inverse_and_log_det")
             if not all(hasattr(layer, name) for name in needed):
-                raise TypeError(
+                raise P4TypeError(
                     f"layer {i} ({type(layer).__name__}) needs forward_and_log_det and "
                     "inverse_and_log_det (see p4opt.nn.base)"
                 )

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from p4opt._typing import Tensor
-from p4opt.exceptions import ShapeError, describe
+from p4opt.errors import P4ValueError, ShapeError, describe
 from p4opt.nn.base import Bijection, Flow
 
 __all__ = ["AffineCoupling", "realnvp", "realnvp_with_params"]
@@ -57,11 +57,11 @@ class AffineCoupling(Bijection):
     ) -> None:
         super().__init__()
         if not isinstance(n, int) or n < 2:
-            raise ValueError(f"n must be an int >= 2, got {n!r}")
+            raise P4ValueError(f"n must be an int >= 2, got {n!r}")
         if parity not in (0, 1):
-            raise ValueError(f"parity must be 0 or 1, got {parity!r}")
+            raise P4ValueError(f"parity must be 0 or 1, got {parity!r}")
         if not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"depth must be an int >= 1, got {depth!r}")
+            raise P4ValueError(f"depth must be an int >= 1, got {depth!r}")
         idx = torch.arange(n)
         cond, trans = idx[idx % 2 == parity], idx[idx % 2 != parity]
         self.n, self.parity, self.scale_bound = n, parity, float(scale_bound)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from p4opt._typing import Tensor
-from p4opt.exceptions import ShapeError, describe
+from p4opt.errors import ShapeError, describe
 from p4opt.nn import _native
 
 __all__ = ["linear_bent_chain"]

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from p4opt import linalg
 from p4opt._typing import Tensor
-from p4opt.exceptions import ShapeError, describe
+from p4opt.errors import P4ValueError, ShapeError, describe
 from p4opt.families.invertible import Invertible
 from p4opt.nn.base import Bijection
 from p4opt.registry import register
@@ -92,7 +92,7 @@ class InvertibleLinear(Bijection):
     ) -> None:
         super().__init__()
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
+            raise P4ValueError(f"n must be a positive int, got {n!r}")
         self.n = n
         self.weight = nn.Parameter(random_orthogonal(n, n, dtype=dtype).to(device))
         like = {"dtype": self.weight.dtype, "device": self.weight.device}

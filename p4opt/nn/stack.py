@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from p4opt._typing import Tensor
-from p4opt.exceptions import ShapeError, describe
+from p4opt.errors import P4ValueError, ShapeError, describe
 from p4opt.families.invertible import Invertible
 from p4opt.nn import functional as BF
 from p4opt.nn.base import Bijection
@@ -88,7 +88,7 @@ class InvertibleLinearStack(Bijection):
         super().__init__()
         for name, value in (("n", n), ("layers", layers)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise P4ValueError(f"{name} must be a positive int, got {value!r}")
         self.n, self.layers, self.native = n, layers, native
         self.weight = nn.Parameter(random_orthogonal(layers, n, n, dtype=dtype).to(device))
         like = {"dtype": self.weight.dtype, "device": self.weight.device}
