@@ -21,7 +21,7 @@ import time
 import torch
 
 import p4opt
-from p4opt import baselines
+from p4opt.studies import baselines
 
 
 def problem(n: int, rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +59,7 @@ def run_p4(x, y, lr, max_steps, target, *, method, rank, merge_every, reset_stat
 
 
 def run_peer(x, y, lr, max_steps, target, *, peer):
-    """A peer from ``p4opt.baselines`` (same start ``Q = I``, its own optimizer)."""
+    """A peer from ``p4opt.studies.baselines`` (same start ``Q = I``, its own optimizer)."""
     holder = peer(torch.eye(x.shape[1]))
     return steps_to(holder.weight, holder.optimizer(lr), x, y, max_steps, target)
 

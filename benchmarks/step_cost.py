@@ -2,7 +2,7 @@
 
 import sys
 
-from p4opt.cli import main
+from p4opt.studies.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

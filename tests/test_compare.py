@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from p4opt import baselines, cli, tasks
-from p4opt.tasks.runner import Run, pick_best, step_costs, train
+from p4opt.studies import baselines, cli, tasks
+from p4opt.studies.tasks.runner import Run, pick_best, step_costs, train
 
 METHOD_KEYS = {
     "name", "description", "p4", "status", "reason", "lr", "lr_grid", "lr_trials",

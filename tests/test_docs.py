@@ -23,8 +23,8 @@ PUBLIC_MODULES = [
     "p4opt.linalg_orthogonal",
     "p4opt.nn",
     "p4opt.checks",
-    "p4opt.baselines",
-    "p4opt.tasks",
+    "p4opt.studies.baselines",
+    "p4opt.studies.tasks",
     "p4opt.datasets",
 ]
 

@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from p4opt import baselines, tasks
-from p4opt.baselines import Method, MissingDependencyError
-from p4opt.tasks.report import format_table, plot_task, write_json
-from p4opt.tasks.runner import Run, pick_best, step_costs, train
+from p4opt.studies import baselines, tasks
+from p4opt.studies.baselines import Method, MissingDependencyError
+from p4opt.studies.tasks.report import format_table, plot_task, write_json
+from p4opt.studies.tasks.runner import Run, pick_best, step_costs, train
 
 __all__ = ["COMMAND", "HELP", "add_arguments", "run", "DEFAULT_SET", "compare_task"]
 

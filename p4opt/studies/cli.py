@@ -11,7 +11,7 @@ __all__ = ["main", "build_parser"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``p4opt`` command (one sub-command per study)."""
-    from p4opt import bench, compare
+    from p4opt.studies import bench, compare
 
     parser = argparse.ArgumentParser(
         prog="p4opt", description="P⁴ perturbations versus their peers: studies and benchmarks."

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from p4opt.baselines import REFERENCE, Method, constraint_errors
-from p4opt.tasks.base import Task
+from p4opt.studies.baselines import REFERENCE, Method, constraint_errors
+from p4opt.studies.tasks.base import Task
 
 __all__ = ["Run", "train", "pick_best", "step_costs"]
 

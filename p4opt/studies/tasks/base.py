@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from p4opt._typing import Tensor
-from p4opt.baselines import Constrained, Family
+from p4opt.studies.baselines import Constrained, Family
 
 __all__ = ["Task", "random_orthogonal"]
 

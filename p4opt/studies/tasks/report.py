@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from p4opt.baselines import MissingDependencyError
+from p4opt.studies.baselines import MissingDependencyError
 
 __all__ = ["format_table", "write_json", "plot_task"]
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from p4opt._typing import Tensor
-from p4opt.baselines.base import Constrained, _as_linear
+from p4opt.studies.baselines.base import Constrained, _as_linear
 
 __all__ = ["Dense", "Plain", "LU"]
 

@@ -8,7 +8,7 @@ import torch
 
 import p4opt
 from p4opt._typing import Tensor
-from p4opt.baselines.base import Constrained, _as_linear
+from p4opt.studies.baselines.base import Constrained, _as_linear
 from p4opt.optimizer import P4Optimizer
 
 __all__ = ["P4Weight"]
