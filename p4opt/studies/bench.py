@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 import p4opt
+from p4opt.studies.progress import Progress
+from p4opt.studies.timing import interleaved_median
 
 __all__ = ["COMMAND", "HELP", "add_arguments", "run", "step_cost", "inverse_cost"]
 
@@ -24,21 +24,6 @@ COMMAND = "bench"
 HELP = "measure step-cost ratios of P⁴Inv layers against nn.Linear and dense slogdet/solve"
 
 Step = Callable[[], None]
-
-
-def _interleaved(steps: dict[str, Step], chunk: int, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function, timed in interleaved chunks of ``chunk`` calls."""
-    for fn in steps.values():  # warm-up: allocator, kernels, optimizer state
-        for _ in range(chunk):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, fn in steps.items():
-            start = time.perf_counter()
-            for _ in range(chunk):
-                fn()
-            samples[name].append((time.perf_counter() - start) / chunk)
-    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def _invertible_layer(n: int, seed: int, register: bool, rank: int = 1) -> torch.nn.Linear:
@@ -88,10 +73,11 @@ def step_cost(n: int, batch: int = 256, merge_every: int = 10, repeats: int = 7)
         opts["p4inv"].step()
         opts["p4inv"].zero_grad()
 
-    times = _interleaved(
-        {"plain": plain_step, "p4inv": p4_step, "dense": dense_step}, merge_every, repeats
+    times = interleaved_median(
+        {"plain": plain_step, "p4inv": p4_step, "dense": dense_step},
+        calls=merge_every, repeats=repeats,
     )
-    correction = _interleaved({"correct": pert.correct}, 1, 3)["correct"]
+    correction = interleaved_median({"correct": pert.correct}, calls=1, repeats=3)["correct"]
     per_step_correction = correction / (merge_every * (pert.correct_every or 1))
     return {
         "n": n,
@@ -119,15 +105,15 @@ def inverse_cost(n: int, batch: int, repeats: int = 7, chunk: int = 20) -> dict:
         torch.linalg.solve(dense.weight, (y - dense.bias).mT)
 
     with torch.no_grad():
-        times = _interleaved(
+        times = interleaved_median(
             {
                 "p4_forward": lambda: p4(x),
                 "p4_inverse": lambda: pert.solve(y - p4.bias),
                 "dense_forward": lambda: dense(x),
                 "dense_inverse": dense_inverse,
             },
-            chunk,
-            repeats,
+            calls=chunk,
+            repeats=repeats,
         )
     return {
         "n": n,
@@ -139,33 +125,41 @@ def inverse_cost(n: int, batch: int, repeats: int = 7, chunk: int = 20) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the command's options on ``parser``."""
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 512, 1024])
-    parser.add_argument("--batch", type=int, default=256, help="batch of the training step")
-    parser.add_argument("--inverse-batches", type=int, nargs="+", default=[1, 64])
-    parser.add_argument("--merge-every", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=7, help="interleaved repetitions")
-    parser.add_argument("--out", type=Path, default=Path("results/bench.json"))
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 512, 1024],
+                        metavar="N", help="layer sizes n (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=256,
+                        help="batch of the training step (default: %(default)s)")
+    parser.add_argument("--inverse-batches", type=int, nargs="+", default=[1, 64], metavar="B",
+                        help="batches of the inverse-pass timing (default: %(default)s)")
+    parser.add_argument("--merge-every", type=int, default=10,
+                        help="P⁴Inv merge interval; one timed chunk spans it "
+                        "(default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="interleaved repetitions; the median is reported "
+                        "(default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("results/bench.json"),
+                        help="JSON file of the ratios (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: stable ratios on shared machines; "
-                        "0 keeps torch's default)")
+                        help="torch CPU threads; 0 keeps torch's default "
+                        "(default: %(default)s, stable ratios on shared machines)")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args``, print the ratios and write them as JSON."""
-    from tqdm import tqdm
-
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 layers")
     jobs = [("step", n, args.batch) for n in args.sizes]
     jobs += [("inverse", n, b) for n in args.sizes for b in args.inverse_batches]
     results: dict[str, list[dict]] = {"step": [], "inverse": []}
-    for kind, n, batch in tqdm(jobs, desc="bench", leave=False):
-        if kind == "step":
-            results["step"].append(step_cost(n, batch, args.merge_every, args.repeats))
-        else:
-            results["inverse"].append(inverse_cost(n, batch, args.repeats))
+    with Progress(len(jobs), "p4opt bench") as progress:
+        for kind, n, batch in jobs:
+            if kind == "step":
+                results["step"].append(step_cost(n, batch, args.merge_every, args.repeats))
+            else:
+                results["inverse"].append(inverse_cost(n, batch, args.repeats))
+            progress.done(f"{kind} n={n} batch={batch}")
     print("\ntraining step ÷ plain nn.Linear step (forward + log-det + backward + Adam)")
     print(f"{'n':>6} {'batch':>6} {'P4Inv':>8} {'dense+slogdet':>14} {'correction %':>13}")
     for r in results["step"]:

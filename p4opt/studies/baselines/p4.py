@@ -36,7 +36,7 @@ class P4Weight(Constrained):
     Examples
     --------
     >>> holder = P4Weight(torch.eye(4, dtype=torch.float64), 0, "Invertible", rank=1)
-    >>> float(holder.logabsdet())
+    >>> float(holder.logabsdet().detach())
     0.0
     """
 

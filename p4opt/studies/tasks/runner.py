@@ -1,53 +1,28 @@
-r"""Train a comparison method on a task and time its steps against the reference step."""
+r"""Train a comparison method on a task, choose its learning rate, time its steps.
+
+The learning-rate rule (:func:`choose_lr`), stated once here and in ``p4opt compare --help``:
+every lr of the method's grid runs on every seed; a run *succeeds* when it reaches
+the target and its loss never rises above ``INSTABILITY_FACTOR`` (10) × the target
+afterwards (nor diverges). Learning rates rank by the number of seeds that succeed
+(more first), then by the median steps to the target (failed runs count as never),
+then by the median final relative loss.
+"""
 
 from __future__ import annotations
 
 import math
 import statistics
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 
-from p4opt.studies.baselines import REFERENCE, Method, constraint_errors
+from p4opt.studies.baselines import REFERENCE, Constrained, Method, constraint_errors
+from p4opt.studies.records import LrSummary, RunRecord
 from p4opt.studies.tasks.base import Task
+from p4opt.studies.timing import interleaved_median
 
-__all__ = ["Run", "train", "pick_best", "step_costs"]
-
-
-@dataclass
-class Run:
-    """The trajectory of one method at one learning rate on one task.
-
-    ``relative[i]`` is the relative loss before step ``i`` (so ``relative[0]``
-    is the start) and ``seconds[i]`` the wall time spent training until then.
-    """
-
-    method: str
-    lr: float
-    relative: list[float] = field(default_factory=list)
-    seconds: list[float] = field(default_factory=list)
-    steps_to_target: int | None = None
-    seconds_to_target: float | None = None
-    constraint: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def final(self) -> float:
-        """Relative loss at the last evaluation (``inf`` when it diverged)."""
-        value = self.relative[-1] if self.relative else math.inf
-        return value if math.isfinite(value) else math.inf
-
-    @property
-    def steps(self) -> int:
-        return max(len(self.relative) - 1, 0)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["final_relative_loss"] = self.final
-        out["steps"] = self.steps
-        return out
+__all__ = ["train", "summarize", "choose_lr", "step_costs"]
 
 
 def train(
@@ -58,18 +33,19 @@ def train(
     *,
     seed: int = 0,
     stop_at_target: bool = False,
-) -> Run:
+) -> RunRecord:
     """Train ``method`` on ``task`` for ``steps`` optimizer steps at learning rate ``lr``.
 
-    The wall time covers building nothing: only the loop of loss, backward and
-    optimizer step (the loss value is read every step). With
-    ``stop_at_target`` the run ends when the relative loss reaches the target.
-    The constraint figures are measured at the end (not timed).
+    The wall time covers only the loop of loss, backward and optimizer step
+    (the loss value is read every step), not building. With ``stop_at_target``
+    the run ends when the relative loss reaches the target. The constraint
+    figures are measured at the end (not timed). ``seed`` seeds the method
+    (e.g. a perturbation's generator); the task carries its own seed.
     """
     torch.manual_seed(seed)
     holder = method.build(task.initial(), seed)
     optimizer = holder.optimizer(lr)
-    run = Run(method.name, lr)
+    run = RunRecord(task.name, task.n, method.name, lr, task.seed)
     start = time.perf_counter()
     for step in range(steps + 1):
         loss = task.loss(holder)
@@ -85,23 +61,47 @@ def train(
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+    run.steps = len(run.relative) - 1
+    last = run.relative[-1]
+    run.final_rel = last if math.isfinite(last) else math.inf
+    if run.steps_to_target is not None:
+        after = run.relative[run.steps_to_target :]
+        run.max_rel_after_target = max(v if math.isfinite(v) else math.inf for v in after)
     run.constraint = constraint_errors(holder, method.family)
     return run
 
 
-def pick_best(runs: Sequence[Run], target: float) -> Run:
-    """The best run of a learning-rate grid.
+def _median(values: Sequence[float]) -> float | None:
+    middle = statistics.median(values) if values else math.inf
+    return None if math.isinf(middle) else float(middle)
 
-    Runs that end at or below ``target`` come first, then runs that reached it
-    and rose again; within each, fewest steps to the target wins. Runs that
-    never reached it rank last, by final loss.
-    """
 
-    def key(run: Run) -> tuple[bool, float, float]:
-        steps = math.inf if run.steps_to_target is None else run.steps_to_target
-        return (not run.final <= target, steps, run.final)
+def summarize(lr: float, runs: list[RunRecord], target: float) -> LrSummary:
+    """The figures of one learning rate over its seeds (medians; a failed run counts as ∞)."""
+    good = [not r.unstable(target) and r.reached() for r in runs]
+    steps = [r.steps_to_target if ok else math.inf for r, ok in zip(runs, good, strict=True)]
+    seconds = [r.seconds_to_target if ok else math.inf for r, ok in zip(runs, good, strict=True)]
+    return LrSummary(
+        lr=lr,
+        runs=runs,
+        succeeded=sum(good),
+        unstable=sum(r.unstable(target) for r in runs),
+        median_steps_to_target=_median(steps),  # type: ignore[arg-type]
+        median_seconds_to_target=_median(seconds),  # type: ignore[arg-type]
+        median_final_rel=statistics.median(r.final_rel for r in runs) if runs else math.inf,
+    )
 
-    return min(runs, key=key)
+
+def choose_lr(trials: Sequence[LrSummary]) -> LrSummary:
+    """The best learning rate of a grid by the rule of this module's docstring."""
+    if not trials:
+        raise ValueError("choose_lr needs at least one learning rate, got none")
+
+    def key(t: LrSummary) -> tuple[int, float, float]:
+        steps = math.inf if t.median_steps_to_target is None else t.median_steps_to_target
+        return (-t.succeeded, steps, t.median_final_rel)
+
+    return min(trials, key=key)
 
 
 def step_costs(
@@ -114,34 +114,29 @@ def step_costs(
 ) -> dict[str, float]:
     """Median seconds per training step of each method and of the reference ``nn.Linear`` step.
 
-    Every method trains on ``task`` from its start point; the timed windows of
+    Every method trains on ``task`` from its start point; timed windows of
     ``window`` steps (merges included, amortized) are interleaved across
-    methods, in a rotating order, ``repeats`` times. The result maps method
-    names (and ``"linear"``) to the median seconds of one step. The
-    reference trains at a tiny learning rate: on tasks whose loss needs
+    methods by :func:`~p4opt.studies.timing.interleaved_median`. The result
+    maps method names (and ``"linear"``) to the median seconds of one step.
+    The reference trains at a tiny learning rate: on tasks whose loss needs
     log|det| it would otherwise shrink towards zero and into subnormal floats.
     """
-    everyone = [REFERENCE, *methods]
     lrs = {**lrs, REFERENCE.name: 1e-4}
-    states = []
-    for method in everyone:
+    functions = {}
+    for method in [REFERENCE, *methods]:
         holder = method.build(task.initial(), 0)
-        optimizer = holder.optimizer(lrs.get(method.name, method.lr_grid[len(method.lr_grid) // 2]))
-        states.append((method.name, holder, optimizer))
-        _steps(task, holder, optimizer, 2)  # warm-up (allocations, lazy imports)
-    samples: dict[str, list[float]] = {name: [] for name, _, _ in states}
-    for r in range(repeats):
-        shift = r % len(states)
-        for name, holder, optimizer in states[shift:] + states[:shift]:
-            start = time.perf_counter()
-            _steps(task, holder, optimizer, window)
-            samples[name].append((time.perf_counter() - start) / window)
-    return {name: statistics.median(values) for name, values in samples.items()}
+        lr = lrs.get(method.name, method.lr_grid[len(method.lr_grid) // 2])
+        functions[method.name] = _stepper(task, holder, holder.optimizer(lr))
+    return interleaved_median(functions, calls=window, repeats=repeats, warmup=2)
 
 
-def _steps(task: Task, holder: Any, optimizer: torch.optim.Optimizer, count: int) -> None:
-    for _ in range(count):
+def _stepper(
+    task: Task, holder: Constrained, optimizer: torch.optim.Optimizer
+) -> Callable[[], None]:
+    def step() -> None:
         loss = task.loss(holder)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+
+    return step
