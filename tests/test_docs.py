@@ -25,6 +25,16 @@ PUBLIC_MODULES = [
     "p4opt.checks",
     "p4opt.studies.baselines",
     "p4opt.studies.tasks",
+    "p4opt.studies.types",
+    "p4opt.studies.records",
+    "p4opt.studies.timing",
+    "p4opt.studies.progress",
+    "p4opt.studies.report",
+    "p4opt.studies.compare",
+    "p4opt.studies.bench",
+    "p4opt.studies.cli",
+    "p4opt.studies.tasks.runner",
+    "p4opt.studies.tasks.report",
     "p4opt.datasets",
 ]
 

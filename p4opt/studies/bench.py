@@ -20,7 +20,9 @@ from p4opt.studies.timing import interleaved_median
 
 __all__ = ["COMMAND", "HELP", "add_arguments", "run", "step_cost", "inverse_cost"]
 
+#: Name of the sub-command.
 COMMAND = "bench"
+#: One-line help of the sub-command.
 HELP = "measure step-cost ratios of P⁴Inv layers against nn.Linear and dense slogdet/solve"
 
 Step = Callable[[], None]

@@ -20,14 +20,16 @@ from p4opt.studies.records import (
     TaskResult,
     write_json,
 )
-from p4opt.studies.report import verdict
+from p4opt.studies.report import markdown, verdict
 from p4opt.studies.tasks.report import format_table, plot_task
 from p4opt.studies.tasks.runner import choose_lr, step_costs, summarize, train
 
 __all__ = ["COMMAND", "HELP", "LEGEND", "LR_RULE", "DEFAULT_SET", "add_arguments", "run",
            "compare_task", "select", "EmptySelectionError"]
 
+#: Name of the sub-command.
 COMMAND = "compare"
+#: One-line help of the sub-command.
 HELP = "compare P⁴ families with geoopt, geotorch and torch parametrizations on built-in tasks"
 
 #: Tasks and sizes run when no ``--task`` is given.
@@ -152,7 +154,7 @@ def compare_task(
             continue
         try:
             results.append(_fit(method, runs, steps, quick, progress))
-        except (MissingDependencyError, RuntimeError, ValueError) as err:
+        except (MissingDependencyError, RuntimeError, TypeError, ValueError) as err:
             results.append(MethodResult(method.name, method.description, method.p4,
                                         status="failed", reason=f"failed: {err}"))
     ok = [m for m, r in zip(methods, results, strict=True) if r.status == "ok"]
@@ -250,9 +252,28 @@ def run(args: argparse.Namespace) -> int:
                 "seconds": elapsed, "lr_rule": LR_RULE},
         environment=_environment(), figures=figures, tasks=results)
     write_json(study, args.out / "results.json")
-    print(f"compared in {elapsed:.1f} s; wrote {args.out / 'results.json'}"
+    (args.out / "summary.md").write_text(markdown(study, command=_command(args)))
+    if args.quick:
+        print("note: --quick is a smoke run (at most 30 steps, one learning rate): it checks "
+              "that everything runs; drop --quick for the comparison itself.")
+    print(f"compared in {elapsed:.1f} s; wrote {args.out / 'results.json'}, summary.md"
           + (f" and {len(figures)} figure(s): {', '.join(figures)}" if figures else ""))
     return 0
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces ``args`` (for the generated summary)."""
+    parts = ["p4opt compare"]
+    parts += [f"--task {t}" for t in args.task or []]
+    for option in ("n", "steps", "seeds", "seed", "repeats", "threads"):
+        value = getattr(args, option)
+        default = {"seeds": 1, "seed": 0, "repeats": 7, "threads": 1}.get(option)
+        if value is not None and value != default:
+            parts.append(f"--{option} {value}")
+    if args.methods:
+        parts.append("--methods " + " ".join(args.methods))
+    parts += ["--quick"] if args.quick else []
+    return " ".join(parts)
 
 
 def _task_text(result: TaskResult, told: set[str]) -> str:

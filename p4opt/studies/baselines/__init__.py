@@ -142,7 +142,7 @@ METHODS: tuple[Method, ...] = (
         partial(P4Weight, family="Invertible"),
         _ADAM,
         p4=True,
-        description="P⁴ Invertible (rank 1, Woodbury inverse, lemma log|det|), Adam",
+        description="P⁴ Invertible at the library defaults (p4opt.Invertible()), Adam",
     ),
     Method(
         "p4-invertible-wide",
@@ -150,7 +150,8 @@ METHODS: tuple[Method, ...] = (
         _p4_invertible_wide,
         (1e-2, 3e-2, 1e-1),
         p4=True,
-        description="P⁴ Invertible, rank n/2, V restarted along its gradient, Adam",
+        description="P⁴ Invertible variant: rank n/2 and V restarted along its last gradient "
+        "after each merge (restart='gradient'), other options at their defaults, Adam",
     ),
     Method(
         "dense",

@@ -97,7 +97,7 @@ def plot_task(result: TaskResult, path: Path) -> None:
             "matplotlib is needed for the figures of p4opt compare: pip install 'p4opt[plot]'"
         ) from err
     floor = result.target / CLIP_FACTOR
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(14, 4.6))
     reached = [m.seconds_to_target for m in result.ok() if m.seconds_to_target is not None]
     cut = TIME_CUT * max(reached) if reached else None
     cut_names = []
@@ -130,7 +130,7 @@ def plot_task(result: TaskResult, path: Path) -> None:
             by_time.annotate(f"axis cut at {TIME_CUT:g}x the slowest time to target; "
                              f"runs longer: {', '.join(cut_names)}", xy=(0.01, 0.02),
                              xycoords="axes fraction", fontsize=7, color="grey")
-    by_time.legend(fontsize=7, loc="upper right")
+    by_time.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     seeds = len(result.seeds)
     fig.suptitle(f"{result.task} n={result.n}: {result.description} "
                  f"(first of {seeds} seed(s) at each method's chosen lr)", fontsize=10)
