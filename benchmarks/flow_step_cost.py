@@ -19,7 +19,6 @@ from collections.abc import Callable
 import torch
 
 import p4opt
-from p4opt.studies.timing import interleaved_median
 from p4opt.nn import (
     BentIdentity,
     Flow,
@@ -28,6 +27,7 @@ from p4opt.nn import (
     _native,
     realnvp_with_params,
 )
+from p4opt.studies.timing import interleaved_median
 
 
 def log_likelihood(flow: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,8 @@ import time
 import torch
 
 import p4opt
-from p4opt.studies.timing import interleaved_median
 from p4opt.studies import baselines
+from p4opt.studies.timing import interleaved_median
 
 
 def problem(n: int, rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

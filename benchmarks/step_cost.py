@@ -1,4 +1,7 @@
-"""Step-cost ratios of P⁴Inv (same as ``p4opt bench``); run ``python benchmarks/step_cost.py --help``."""
+"""Step-cost ratios of P⁴Inv (same as ``p4opt bench``).
+
+Run ``python benchmarks/step_cost.py --help`` for the options.
+"""
 
 import sys
 

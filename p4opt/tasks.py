@@ -2,7 +2,11 @@
 
 from p4opt.studies._alias import alias
 
-alias(__name__, "p4opt.studies.tasks", ('base', 'gaussian', 'procrustes', 'rnn', 'report', 'runner'))
+alias(
+    __name__,
+    "p4opt.studies.tasks",
+    ('base', 'gaussian', 'procrustes', 'rnn', 'report', 'runner'),
+)
 
 from p4opt.studies.tasks import *  # noqa: E402, F403
 from p4opt.studies.tasks import __all__  # noqa: E402, F401

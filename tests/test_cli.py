@@ -98,10 +98,11 @@ def test_help_states_the_lr_rule() -> None:
 
 
 def test_old_import_paths_name_the_moved_modules() -> None:
+    import p4opt.tasks.runner
+
     import p4opt.baselines
     import p4opt.bench
     import p4opt.compare
-    import p4opt.tasks.runner
     from p4opt.studies import baselines, bench
     from p4opt.studies.tasks import runner
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -92,7 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output folder for results.json and figures (default: %(default)s/)")
     parser.add_argument("--no-plot", action="store_true",
                         help="skip the figures (default: draw them when matplotlib is installed)")
-    parser.epilog = f"{LEGEND}\n\nlearning-rate rule: {LR_RULE}"
+    rule = textwrap.fill(f"learning-rate rule: {LR_RULE}", width=92)
+    parser.epilog = f"{LEGEND}\n\n{rule}"
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.set_defaults(run=run)
 
@@ -137,7 +139,10 @@ def compare_task(
     repeats: int = 7,
     progress: Progress | None = None,
 ) -> TaskResult:
-    """Run ``methods`` on one task, once per seeded instance in ``runs``; step costs on the first."""
+    """Run ``methods`` on one task, once per seeded instance in ``runs``.
+
+    Step costs are timed on the first instance.
+    """
     progress = progress if progress is not None else Progress(0, "", stream=_Null())
     task = runs[0]
     results: list[MethodResult] = []

@@ -8,8 +8,8 @@ import torch
 
 import p4opt
 from p4opt._typing import Tensor
-from p4opt.studies.baselines.base import Constrained, _as_linear
 from p4opt.optimizer import P4Optimizer
+from p4opt.studies.baselines.base import Constrained, _as_linear
 
 __all__ = ["P4Weight"]
 
