@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import platform
 import sys
 import textwrap
@@ -143,7 +144,7 @@ def compare_task(
 
     Step costs are timed on the first instance.
     """
-    progress = progress if progress is not None else Progress(0, "", stream=_Null())
+    progress = progress if progress is not None else Progress(0, "", stream=io.StringIO())
     task = runs[0]
     results: list[MethodResult] = []
     for method in methods:
@@ -171,17 +172,6 @@ def compare_task(
             r.step_cost_ratio = costs[r.name] / costs["linear"]
     return TaskResult(task.name, task.n, task.family, task.batch, task.description, task.target,
                       steps, [t.seed for t in runs], costs["linear"], results)
-
-
-class _Null:
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return False
 
 
 def _plan(args: argparse.Namespace) -> list[tuple[str, int]]:
