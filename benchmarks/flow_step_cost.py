@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -29,6 +27,7 @@ from p4opt.nn import (
     _native,
     realnvp_with_params,
 )
+from p4opt.studies.timing import interleaved_median
 
 
 def log_likelihood(flow: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -82,17 +81,7 @@ def main() -> None:
         opt = p4opt.P4Optimizer(torch.optim.Adam(looped.parameters(), lr=1e-3))
         flows["p4inv_unfused"] = (looped, opt)
     steps = {name: make_step(f, o, x) for name, (f, o) in flows.items()}
-    for step in steps.values():  # warm-up
-        for _ in range(3):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.reps):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            times[name].append((time.perf_counter() - t0) / args.steps)
-    med = {name: statistics.median(t) for name, t in times.items()}
+    med = interleaved_median(steps, calls=args.steps, repeats=args.reps, warmup=3)
     native = _native.available(x)
     print(
         f"threads={torch.get_num_threads()} batch={args.batch} layers={args.layers} "

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import p4opt
+from p4opt.studies.progress import Progress
 
 
 def _structures(n: int, dense_n: int, gen: torch.Generator) -> dict[str, tuple[int, object]]:
@@ -74,14 +75,21 @@ class Run:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=256, help="matrix size of the presets")
-    parser.add_argument("--dense-n", type=int, default=32, help="matrix size of the dense case")
-    parser.add_argument("--steps", type=int, default=10_000, help="training steps per run")
-    parser.add_argument("--chunk", type=int, default=50, help="steps per timed chunk")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
+    parser.add_argument("--n", type=int, default=256,
+                        help="matrix size of the presets (default: %(default)s)")
+    parser.add_argument("--dense-n", type=int, default=32,
+                        help="matrix size of the dense case (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=10_000,
+                        help="training steps per run (default: %(default)s)")
+    parser.add_argument("--chunk", type=int, default=50,
+                        help="steps per timed chunk (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=64, help="batch (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="Adam learning rate (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write the table as JSON here (default: not written)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -92,7 +100,10 @@ def main() -> None:
     for name, (n, structure) in _structures(args.n, args.dense_n, gen).items():
         runs[name] = Run(n, structure, args.batch, args.lr, 0)
     ratios: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(0, args.steps, args.chunk):
+    chunks = range(0, args.steps, args.chunk)
+    report_every = max(1, len(chunks) // 20)  # about 20 progress lines on stderr
+    progress = Progress(len(chunks), "linear_residual")
+    for index, done in enumerate(chunks, start=1):
         spent = {}
         for name, run in runs.items():
             before = run.seconds
@@ -102,6 +113,10 @@ def main() -> None:
         for name, run in runs.items():
             ref = "nn.Linear" if run.n == args.n else f"nn.Linear (n={args.dense_n})"
             ratios[name].append(spent[name] / spent[ref])
+        if index % report_every == 0 or index == len(chunks):
+            progress.done(f"{min(done + args.chunk, args.steps)}/{args.steps} steps",
+                          units=index - progress.count)
+    progress.close()
 
     rows = []
     print(f"{args.steps} Adam steps, float32, batch {args.batch}, threads {args.threads}")
@@ -110,8 +125,9 @@ def main() -> None:
     for name, run in runs.items():
         free = sum(p.numel() for p in run.layer.parameters() if p.requires_grad)
         ratio = statistics.median(ratios[name])
-        res = run.max_residual if run.pert is not None else float("nan")
-        print(f"{name:<26}{run.n:>5}{free:>8}{res:>15.2e}{run.loss:>12.4g}{ratio:>12.2f}")
+        res = run.max_residual if run.pert is not None else None  # no constraint to keep
+        shown = "n/a" if res is None else f"{res:.2e}"
+        print(f"{name:<26}{run.n:>5}{free:>8}{shown:>15}{run.loss:>12.4g}{ratio:>12.2f}")
         rows.append({"structure": name, "n": run.n, "free": free, "max_residual": res,
                      "final_loss": run.loss, "step_ratio": ratio,
                      "ms_per_step": 1e3 * run.seconds / args.steps})

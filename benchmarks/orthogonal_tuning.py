@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import time
 
 import torch
 
 import p4opt
-from p4opt import baselines
+from p4opt.studies import baselines
+from p4opt.studies.timing import interleaved_median
 
 
 def problem(n: int, rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,13 +59,13 @@ def run_p4(x, y, lr, max_steps, target, *, method, rank, merge_every, reset_stat
 
 
 def run_peer(x, y, lr, max_steps, target, *, peer):
-    """A peer from ``p4opt.baselines`` (same start ``Q = I``, its own optimizer)."""
+    """A peer from ``p4opt.studies.baselines`` (same start ``Q = I``, its own optimizer)."""
     holder = peer(torch.eye(x.shape[1]))
     return steps_to(holder.weight, holder.optimizer(lr), x, y, max_steps, target)
 
 
 def step_cost(n: int, batch: int, reps: int, rank: int | None) -> float:
-    """Median (P⁴ Orthogonal + Adam step) / (plain nn.Linear + Adam step), interleaved."""
+    """(P⁴ Orthogonal + Adam step) / (plain nn.Linear + Adam step), interleaved medians."""
     x, y = torch.randn(batch, n), torch.randn(batch, n)
 
     def trainer(p4: bool):
@@ -84,17 +84,10 @@ def step_cost(n: int, batch: int, reps: int, rank: int | None) -> float:
 
         return step
 
-    plain, ours = trainer(False), trainer(True)
-    ratios = []
-    for _ in range(reps):
-        times = []
-        for step in (plain, ours):
-            t = time.perf_counter()
-            for _ in range(20):  # two merge cycles of the default interval
-                step()
-            times.append(time.perf_counter() - t)
-        ratios.append(times[1] / times[0])
-    return statistics.median(ratios)
+    # chunks of 20 steps: two merge cycles of the default interval
+    times = interleaved_median({"plain": trainer(False), "p4": trainer(True)}, calls=20,
+                               repeats=reps)
+    return times["p4"] / times["plain"]
 
 
 def fmt(results: dict[float, int | None]) -> str:

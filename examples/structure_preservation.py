@@ -42,6 +42,8 @@ from torch import nn  # noqa: E402
 import p4opt  # noqa: E402
 import p4opt.checks as checks  # noqa: E402
 
+#: Homogeneity errors below this are drawn at it (exact zeros otherwise make a comb).
+HOMOGENEITY_FLOOR = 1e-9
 LAMBDAS = torch.linspace(-10, 10, 41)
 
 
@@ -189,17 +191,25 @@ def plot_linear(all_results: dict[int, dict], out: Path) -> Path:
     fig, axes = plt.subplots(len(all_results), 3, figsize=(14, 4 * len(all_results)),
                              squeeze=False)
     for row, (n, results) in enumerate(all_results.items()):
-        for name, res in results.items():
+        for i, (name, res) in enumerate(results.items()):
             steps, errs = zip(*res["curve"], strict=True)
-            axes[row, 0].semilogy(steps, errs, label=name)
-            axes[row, 2].semilogy(LAMBDAS, res["homogeneity"].clamp_min(1e-17), label=name)
+            style = {"ls": ("-", "--", "-.", ":")[i % 4], "marker": "osD^v"[i % 5], "ms": 4,
+                     "label": name}
+            every = max(1, len(steps) // 8)
+            axes[row, 0].semilogy(steps, errs, markevery=(i * every // 4, every), **style)
+            every = max(1, len(LAMBDAS) // 8)  # markers offset: exact curves coincide
+            axes[row, 2].semilogy(LAMBDAS, res["homogeneity"].clamp_min(HOMOGENEITY_FLOOR),
+                                  markevery=(i * every // 4, every), **style)
         names = list(results)
         axes[row, 1].bar(range(len(names)), [max(results[k]["additivity"], 1e-17) for k in names])
         axes[row, 1].set_yscale("log")
         axes[row, 1].set_xticks(range(len(names)), names, rotation=15)
-        axes[row, 0].set(title=f"n = {n}: a-priori (test) error", xlabel="step")
-        axes[row, 1].set(title=f"n = {n}: additivity error")
-        axes[row, 2].set(title=f"n = {n}: homogeneity error", xlabel="lambda")
+        axes[row, 0].set(title=f"n = {n}: a-priori (test) error", xlabel="Adam step",
+                         ylabel="relative test error")
+        axes[row, 1].set(title=f"n = {n}: additivity error", xlabel="model",
+                         ylabel="||f(x+y) - f(x) - f(y)|| / ||f(x) + f(y)||")
+        axes[row, 2].set(title=f"n = {n}: homogeneity error", xlabel="scale lambda",
+                         ylabel="||f(λx) - λf(x)|| / ||λf(x)||, floor 1e-9")
         axes[row, 0].legend()
     fig.tight_layout()
     path = out / "linear_map.png"
@@ -210,11 +220,13 @@ def plot_linear(all_results: dict[int, dict], out: Path) -> Path:
 
 def plot_physics(results: dict[str, dict], out: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for name, res in results.items():
-        axes[0].semilogy([max(v, 1e-17) for v in res["conservation"]], label=name)
-        axes[1].semilogy(res["rollout_error"], label=name)
-    axes[0].set(title="mass drift |sum u_t - sum u_0| / sum|u_0|", xlabel="rollout step")
-    axes[1].set(title="rollout error ||u_t - u_t*|| / ||u_t*||", xlabel="rollout step")
+    for i, (name, res) in enumerate(results.items()):
+        style = {"ls": ("-", "--", "-.", ":")[i % 4], "label": name}
+        axes[0].semilogy([max(v, 1e-17) for v in res["conservation"]], **style)
+        axes[1].semilogy(res["rollout_error"], **style)
+    axes[0].set(title="mass drift", xlabel="rollout step",
+                ylabel="|sum u_t - sum u_0| / sum|u_0| (floor 1e-17)")
+    axes[1].set(title="rollout error", xlabel="rollout step", ylabel="||u_t - u_t*|| / ||u_t*||")
     axes[0].legend()
     fig.tight_layout()
     path = out / "advection_diffusion.png"

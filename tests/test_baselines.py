@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from p4opt import baselines
-from p4opt.baselines import MissingDependencyError, constraint_errors
-from p4opt.tasks import random_orthogonal
+from p4opt.studies import baselines
+from p4opt.studies.baselines import MissingDependencyError, constraint_errors
+from p4opt.studies.tasks import random_orthogonal
 
 ORTHOGONAL = [m.name for m in baselines.methods("orthogonal")]
 INVERTIBLE = [m.name for m in baselines.methods("invertible")]

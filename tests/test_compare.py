@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from p4opt import baselines, cli, tasks
-from p4opt.tasks.runner import Run, pick_best, step_costs, train
+from p4opt.studies import baselines, cli, tasks
+from p4opt.studies.records import RunRecord, Study, read_json, to_json_dict, write_json
+from p4opt.studies.tasks.runner import choose_lr, step_costs, summarize, train
 
 METHOD_KEYS = {
-    "name", "description", "p4", "status", "reason", "lr", "lr_grid", "lr_trials",
-    "steps_to_target", "seconds_to_target", "final_relative_loss", "constraint", "history",
-    "step_seconds", "step_cost_ratio",
+    "name", "description", "p4", "status", "reason", "lr", "lr_grid", "trials",
+    "steps_to_target", "seconds_to_target", "final_rel", "constraint", "step_seconds",
+    "step_cost_ratio",
 }
 
 
@@ -39,10 +40,12 @@ def test_compare_end_to_end_writes_json_and_figures(tmp_path: Path, capsys) -> N
                 assert entry["status"] == "skipped" and entry["reason"]
                 continue
             assert set(entry) == METHOD_KEYS
-            assert len(entry["history"]["relative"]) == 7 == len(entry["history"]["seconds"])
+            (trial,) = entry["trials"]
+            (run,) = trial["runs"]
+            assert len(run["relative"]) == 7 == len(run["seconds"])
             assert entry["step_cost_ratio"] > 0
-            start = entry["history"]["relative"][0]
-            assert entry["final_relative_loss"] < start  # six steps at a sane lr make progress
+            start = run["relative"][0]
+            assert entry["final_rel"] < start  # six steps at a sane lr make progress
             if task["family"] == "orthogonal":
                 assert entry["constraint"]["orthogonality"] <= 1e-5
     for name in result["figures"]:
@@ -50,6 +53,7 @@ def test_compare_end_to_end_writes_json_and_figures(tmp_path: Path, capsys) -> N
     assert len(result["figures"]) == 3
     out = capsys.readouterr().out
     assert "procrustes n=8" in out and "geoopt-radam" in out and "results.json" in out
+    assert Study.from_dict(result).tasks[0].methods[0].name == "p4-householder"
 
 
 def test_compare_skips_missing_geoopt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -78,20 +82,68 @@ def test_compare_steps_zero_times_only(tmp_path: Path) -> None:
     assert entry["steps_to_target"] is None and entry["step_cost_ratio"] > 0
 
 
-def test_train_reaches_target_and_pick_best_prefers_fewest_steps() -> None:
+def test_train_reaches_target_and_records_the_run() -> None:
     task = tasks.make("gaussian", 6, dtype=torch.float64)
     run = train(baselines.get("dense"), task, 3e-2, 400, stop_at_target=True)
     assert run.steps_to_target is not None and run.relative[-1] <= task.target
     assert run.steps == run.steps_to_target and run.seconds_to_target is not None
+    assert run.max_rel_after_target == run.final_rel <= task.target
     assert run.constraint["logdet_error"] <= 1e-9
-    slow = Run("a", 1.0, [1.0, 0.5], [0, 1], steps_to_target=None)
-    fast = Run("b", 2.0, [1.0, 1e-9], [0, 1], steps_to_target=1)
-    bounced = Run("d", 4.0, [1.0, 1e-9, 1e-3], [0, 1, 2], steps_to_target=1)
-    steady = Run("e", 5.0, [1.0, 1e-2, 1e-9], [0, 1, 2], steps_to_target=2)
-    assert pick_best([slow, fast], 1e-4) is fast
-    assert pick_best([bounced, steady], 1e-4) is steady
-    assert pick_best([slow, bounced], 1e-4) is bounced
-    assert pick_best([slow, Run("c", 3.0, [1.0, float("nan")], [0, 1])], 1e-4) is slow
+
+
+def _record(lr: float, relative: list[float], seed: int = 0) -> RunRecord:
+    """A synthetic run (target 1e-4) with the figures ``train`` would derive."""
+    reached = next((i for i, v in enumerate(relative) if v <= 1e-4), None)
+    after = None if reached is None else max(relative[reached:])
+    return RunRecord("t", 4, "m", lr, seed, steps=len(relative) - 1, steps_to_target=reached,
+                     seconds_to_target=None if reached is None else 0.1 * reached,
+                     final_rel=relative[-1] if relative[-1] == relative[-1] else float("inf"),
+                     max_rel_after_target=after, relative=relative,
+                     seconds=[0.1 * i for i in range(len(relative))])
+
+
+def test_lr_rule_rejects_a_run_that_blows_up_after_reaching_the_target() -> None:
+    target = 1e-4
+    fast_then_blows_up = summarize(0.1, [_record(0.1, [1.0, 1e-8, 7e-2, 5e-5])], target)
+    steady = summarize(0.03, [_record(0.03, [1.0, 1e-2, 1e-3, 5e-5])], target)
+    assert fast_then_blows_up.unstable == 1 and fast_then_blows_up.succeeded == 0
+    assert choose_lr([fast_then_blows_up, steady]) is steady
+    # a bounce below 10x the target is tolerated: fewest steps wins
+    bounce = summarize(0.3, [_record(0.3, [1.0, 5e-5, 9e-4, 9e-5])], target)
+    assert choose_lr([steady, bounce]) is bounce
+    # nobody reaches the target: lowest final loss; a diverged run ranks last
+    slow = summarize(1.0, [_record(1.0, [1.0, 0.5])], target)
+    slower = summarize(2.0, [_record(2.0, [1.0, 0.9])], target)
+    nan = summarize(3.0, [_record(3.0, [1.0, float("nan")])], target)
+    assert choose_lr([nan, slower, slow]) is slow
+    with pytest.raises(ValueError, match="at least one"):
+        choose_lr([])
+
+
+def test_lr_rule_prefers_the_lr_that_succeeds_on_more_seeds() -> None:
+    target = 1e-4
+    lucky = summarize(0.1, [_record(0.1, [1.0, 1e-5, 1e-5]),
+                            _record(0.1, [1.0, 1e-5, 1.0], 1),
+                            _record(0.1, [1.0, 1e-5, float("nan")], 2)], target)
+    robust = summarize(0.03, [_record(0.03, [1.0, 1e-2, 1e-3, 1e-5], s) for s in range(3)],
+                       target)
+    assert (lucky.succeeded, robust.succeeded) == (1, 3)
+    assert lucky.median_steps_to_target is None and robust.median_steps_to_target == 3
+    assert choose_lr([lucky, robust]) is robust
+
+
+def test_records_round_trip_through_json(tmp_path: Path) -> None:
+    result = _compare(tmp_path, "--task", "gaussian", "--methods", "dense", "--no-plot",
+                      "--seeds", "2")
+    study = read_json(tmp_path / "results.json")
+    assert to_json_dict(study) == result
+    write_json(study, tmp_path / "again.json")
+    assert json.loads((tmp_path / "again.json").read_text()) == result
+    (method,) = study.tasks[0].methods
+    assert study.tasks[0].seeds == [0, 1] and len(method.trials[0].runs) == 2
+    diverged = _record(0.1, [1.0, 1e-5, float("inf")])
+    back = RunRecord.from_dict(json.loads(json.dumps(to_json_dict(diverged))))
+    assert back.final_rel == float("inf") and back.unstable(1e-4)
 
 
 def test_step_costs_reports_reference_and_methods() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from p4opt import tasks
-from p4opt.tasks import GaussianML, Procrustes, TeacherRNN
+from p4opt.studies import tasks
+from p4opt.studies.tasks import GaussianML, Procrustes, TeacherRNN
 
 
 def _skew(n: int, scale: float, seed: int) -> torch.Tensor:

@@ -3,13 +3,16 @@ r"""The :class:`Task` interface of the built-in comparison tasks and their share
 from __future__ import annotations
 
 import abc
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from p4opt import linalg
 from p4opt._typing import Tensor
-from p4opt.baselines import Constrained, Family
+from p4opt.studies.types import Family
+
+if TYPE_CHECKING:
+    from p4opt.studies.baselines import Constrained
 
 __all__ = ["Task", "random_orthogonal"]
 

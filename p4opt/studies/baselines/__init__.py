@@ -9,7 +9,7 @@ and raise :class:`MissingDependencyError` from :meth:`Method.build`.
 Examples
 --------
 >>> import torch
->>> from p4opt import baselines
+>>> from p4opt.studies import baselines
 >>> method = baselines.get("lu")
 >>> holder = method.build(torch.eye(3))
 >>> opt = holder.optimizer(lr=1e-2)
@@ -22,7 +22,7 @@ from __future__ import annotations
 from functools import partial
 
 from p4opt._typing import Tensor
-from p4opt.baselines.base import (
+from p4opt.studies.baselines.base import (
     Constrained,
     Family,
     Method,
@@ -31,9 +31,9 @@ from p4opt.baselines.base import (
     missing_modules,
     orthogonality_error,
 )
-from p4opt.baselines.dense import LU, Dense, Plain
-from p4opt.baselines.p4 import P4Weight
-from p4opt.baselines.peers import GeooptStiefel, Geotorch, TorchOrthogonal
+from p4opt.studies.baselines.dense import LU, Dense, Plain
+from p4opt.studies.baselines.p4 import P4Weight
+from p4opt.studies.baselines.peers import GeooptStiefel, Geotorch, TorchOrthogonal
 
 __all__ = [
     "Constrained",
@@ -142,7 +142,7 @@ METHODS: tuple[Method, ...] = (
         partial(P4Weight, family="Invertible"),
         _ADAM,
         p4=True,
-        description="P⁴ Invertible (rank 1, Woodbury inverse, lemma log|det|), Adam",
+        description="P⁴ Invertible at the library defaults (p4opt.Invertible()), Adam",
     ),
     Method(
         "p4-invertible-wide",
@@ -150,7 +150,8 @@ METHODS: tuple[Method, ...] = (
         _p4_invertible_wide,
         (1e-2, 3e-2, 1e-1),
         p4=True,
-        description="P⁴ Invertible, rank n/2, V restarted along its gradient, Adam",
+        description="P⁴ Invertible variant: rank n/2 and V restarted along its last gradient "
+        "after each merge (restart='gradient'), other options at their defaults, Adam",
     ),
     Method(
         "dense",

@@ -1,4 +1,4 @@
-r"""Peer libraries behind :class:`~p4opt.baselines.Constrained`: geoopt, geotorch, torch."""
+r"""Peer libraries behind :class:`~p4opt.studies.baselines.Constrained`: geoopt, geotorch, torch."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch.nn.utils import parametrizations
 
 from p4opt._typing import Tensor
-from p4opt.baselines.base import Constrained, _as_linear
+from p4opt.studies.baselines.base import Constrained, _as_linear
 
 __all__ = ["GeooptStiefel", "Geotorch", "TorchOrthogonal"]
 

@@ -6,7 +6,7 @@ relative loss gap with a ``target``.
 
 Examples
 --------
->>> from p4opt import tasks
+>>> from p4opt.studies import tasks
 >>> task = tasks.make("procrustes", n=8)
 >>> task.family, task.target
 ('orthogonal', 0.0001)
@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from p4opt.tasks.base import Task, random_orthogonal
-from p4opt.tasks.gaussian import GaussianML
-from p4opt.tasks.procrustes import Procrustes
-from p4opt.tasks.rnn import TeacherRNN
+from p4opt.studies.tasks.base import Task, random_orthogonal
+from p4opt.studies.tasks.gaussian import GaussianML
+from p4opt.studies.tasks.procrustes import Procrustes
+from p4opt.studies.tasks.rnn import TeacherRNN
 
 __all__ = ["Task", "TASKS", "make", "random_orthogonal", "Procrustes", "GaussianML", "TeacherRNN"]
 

@@ -6,13 +6,13 @@ import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
 from p4opt._typing import Tensor
-from p4opt.errors import P4Error, ShapeError, describe
+from p4opt.errors import ShapeError, describe
+from p4opt.studies.types import Family, MissingDependencyError
 
 __all__ = [
     "Family",
@@ -23,13 +23,6 @@ __all__ = [
     "orthogonality_error",
     "constraint_errors",
 ]
-
-Family = Literal["orthogonal", "invertible"]
-
-
-class MissingDependencyError(P4Error, ImportError):
-    """An optional package a comparison method needs is not installed."""
-
 
 def missing_modules(names: tuple[str, ...]) -> list[str]:
     """The entries of ``names`` that cannot be imported.

@@ -7,8 +7,8 @@ from typing import ClassVar
 import torch
 
 from p4opt._typing import Tensor
-from p4opt.baselines import Family
-from p4opt.tasks.base import Task, random_orthogonal
+from p4opt.studies.tasks.base import Task, random_orthogonal
+from p4opt.studies.types import Family
 
 __all__ = ["TeacherRNN"]
 

@@ -8,8 +8,8 @@ import torch
 
 import p4opt
 from p4opt._typing import Tensor
-from p4opt.baselines.base import Constrained, _as_linear
 from p4opt.optimizer import P4Optimizer
+from p4opt.studies.baselines.base import Constrained, _as_linear
 
 __all__ = ["P4Weight"]
 
@@ -36,7 +36,7 @@ class P4Weight(Constrained):
     Examples
     --------
     >>> holder = P4Weight(torch.eye(4, dtype=torch.float64), 0, "Invertible", rank=1)
-    >>> float(holder.logabsdet())
+    >>> float(holder.logabsdet().detach())
     0.0
     """
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from p4opt._typing import Tensor
-from p4opt.baselines.base import Constrained, _as_linear
+from p4opt.studies.baselines.base import Constrained, _as_linear
 
 __all__ = ["Dense", "Plain", "LU"]
 
@@ -21,7 +21,7 @@ class Dense(Constrained):
     Examples
     --------
     >>> holder = Dense(torch.eye(3))
-    >>> float(holder.logabsdet())
+    >>> float(holder.logabsdet().detach())
     0.0
     """
 
@@ -64,7 +64,7 @@ class LU(Constrained):
     --------
     >>> a = torch.tensor([[0., 2.], [3., 1.]], dtype=torch.float64)
     >>> holder = LU(a)
-    >>> torch.allclose(holder.weight(), a), round(float(holder.logabsdet()), 6)
+    >>> torch.allclose(holder.weight(), a), round(float(holder.logabsdet().detach()), 6)
     (True, 1.791759)
     """
 
