@@ -11,7 +11,7 @@ from torch import nn
 from p4opt import linalg
 from p4opt._typing import Tensor
 from p4opt._validate import check_bounds, check_choice, check_dtype, check_int, check_number
-from p4opt.errors import P4TypeError, ShapeError, SingularMatrixError, describe
+from p4opt.errors import P4TypeError, P4ValueError, ShapeError, SingularMatrixError, describe
 from p4opt.families.invertible_updates import Factored, Projected, UpdateRule
 from p4opt.linalg import merge as lowrank
 from p4opt.perturbation import Perturbation, Proposal, ValidationReport
@@ -170,6 +170,8 @@ class Invertible(Perturbation):
         )
         self.dtype = check_dtype("dtype", dtype)
         self.max_condition = check_number("max_condition", max_condition, minimum=1)
+        if update == "projected" and restart != "random":
+            raise P4ValueError("restart applies to update='factored' only; leave it out")
         self.wants_gradients = update == "factored" and restart == "gradient"
         self.rule: UpdateRule = Projected(self) if update == "projected" else Factored(self)
         self.default_merge_every = self.rule.merge_every

@@ -61,11 +61,10 @@ _ADAM_ORTH = (3e-2, 1e-1, 3e-1)
 _RIEMANN = (0.3, 1.0, 3.0)
 
 
-def _p4_invertible_wide(init: Tensor, seed: int) -> P4Weight:
-    """P⁴ Invertible of rank ``n // 2``, ``V`` restarting along its gradient."""
-    return P4Weight(
-        init, seed, "Invertible", rank=max(1, init.shape[-1] // 2), restart="gradient"
-    )
+def _p4_invertible_lowmem(init: Tensor, seed: int) -> P4Weight:
+    """P⁴ Invertible's low-memory rule: factored, rank ``n // 4``, gradient restarts."""
+    rank = max(1, init.shape[-1] // 4)
+    return P4Weight(init, seed, "Invertible", update="factored", rank=rank, restart="gradient")
 
 #: The reference step of every comparison: a plain ``nn.Linear`` weight under Adam.
 REFERENCE = Method(
@@ -145,13 +144,13 @@ METHODS: tuple[Method, ...] = (
         description="P⁴ Invertible at the library defaults (p4opt.Invertible()), Adam",
     ),
     Method(
-        "p4-invertible-wide",
+        "p4-invertible-lowmem",
         "invertible",
-        _p4_invertible_wide,
+        _p4_invertible_lowmem,
         (1e-2, 3e-2, 1e-1),
         p4=True,
-        description="P⁴ Invertible variant: rank n/2 and V restarted along its last gradient "
-        "after each merge (restart='gradient'), other options at their defaults, Adam",
+        description="P⁴ Invertible's low-memory rule (update='factored', rank n/4, "
+        "restart='gradient': 2nk numbers of optimizer state), Adam",
     ),
     Method(
         "dense",
