@@ -48,12 +48,8 @@ class PerturbationStats:
     warned: bool = False
 
     def add(self, result: MergeResult) -> None:
-        if result.accepted:
-            self.accepted += 1
-        elif result.folded or result.partial:
-            self.partial += 1
-        else:
-            self.rejected += 1
+        outcome = result.outcome
+        setattr(self, outcome, getattr(self, outcome) + 1)
         if not result.accepted:
             key = str(result.reason)
             self.reasons[key] = self.reasons.get(key, 0) + 1
@@ -262,12 +258,8 @@ class P4Optimizer(torch.optim.Optimizer):
 
     def _count(self, pert: Perturbation, result: MergeResult) -> None:
         c = self.counters
-        if result.accepted:
-            c.merges_accepted += 1
-        elif result.folded or result.partial:
-            c.merges_partial += 1
-        else:
-            c.merges_rejected += 1
+        name = f"merges_{result.outcome}"
+        setattr(c, name, getattr(c, name) + 1)
         c.corrections += int(result.corrected)
         stats = self._per.setdefault(id(pert), PerturbationStats(pert.where))
         stats.add(result)

@@ -120,6 +120,13 @@ class MergeResult:
     figures: Mapping[str, float] = field(default_factory=dict)
 
     @property
+    def outcome(self) -> str:
+        """``"accepted"`` (all folded), ``"partial"`` (some folded, or cut back) or ``"rejected"``."""
+        if self.accepted:
+            return "accepted"
+        return "partial" if self.folded or self.partial else "rejected"
+
+    @property
     def reset(self) -> bool:
         """Whether the trainable tensors restarted (compatibility with 0.1)."""
         return bool(self.folded or self.dropped)
