@@ -121,7 +121,7 @@ class MergeResult:
 
     @property
     def outcome(self) -> str:
-        """``"accepted"`` (all folded), ``"partial"`` (some folded, or cut back) or ``"rejected"``."""
+        """``"accepted"`` (all folded), ``"partial"`` (some folded or cut) or ``"rejected"``."""
         if self.accepted:
             return "accepted"
         return "partial" if self.folded or self.partial else "rejected"
