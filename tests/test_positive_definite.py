@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,3 +208,15 @@ def test_congruence_kernels_match_dense_products():
     assert (congruence(a, u, v) - m @ a @ m.mT).abs().max() < 1e-12
     ref = torch.linalg.inv(m @ a @ m.mT)
     assert (congruence_inverse(torch.linalg.inv(a), u, v) - ref).abs().max() < 1e-10
+
+
+def test_docs_example_runs_and_recovers_the_covariance():
+    page = Path(__file__).resolve().parents[1] / "docs" / "families" / "positive_definite.md"
+    block = re.findall(r"^```python\n(.*?)^```", page.read_text(encoding="utf-8"), re.M | re.S)[1]
+    namespace: dict[str, object] = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(compile(block, "positive_definite.md", "exec"), namespace)  # noqa: S102
+    x, cov = namespace["x"], namespace["covariance"]
+    sample = x.mT @ x / x.shape[0]  # the maximum-likelihood covariance
+    assert (cov - sample).abs().max() < 1e-3 * sample.abs().max()
+    assert namespace["pert"].validate().ok

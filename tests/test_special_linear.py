@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,3 +145,14 @@ def test_float32_layer_keeps_det_one_to_rounding():
     pert.merge()
     assert _logdet(holder.weight.double()).abs() < 1e-5
     assert pert.validate().ok
+
+
+def test_docs_example_runs_and_recovers_the_target():
+    page = Path(__file__).resolve().parents[1] / "docs" / "families" / "special_linear.md"
+    block = re.findall(r"^```python\n(.*?)^```", page.read_text(encoding="utf-8"), re.M | re.S)[1]
+    namespace: dict[str, object] = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(compile(block, "special_linear.md", "exec"), namespace)  # noqa: S102
+    w, target = namespace["lin"].weight.detach(), namespace["target"]
+    assert _logdet(w).abs() < 1e-12 and (w - target).abs().max() < 1e-5
+    assert namespace["pert"].validate().ok
