@@ -35,7 +35,8 @@ import torch
 
 import p4opt
 
-Run = Callable[[torch.Tensor, float, int], int]
+Step = Callable[[], float]
+Make = Callable[[torch.Tensor, float], Step]
 
 
 def parse_args() -> argparse.Namespace:
@@ -65,7 +66,7 @@ def loss_of(s: torch.Tensor, p: torch.Tensor, logdet: torch.Tensor) -> torch.Ten
     return (p * s).sum() / 2 - logdet / 2
 
 
-def steps_to_target(s: torch.Tensor, step: Callable[[], float], max_steps: int, target: float) -> int:
+def steps_to_target(s: torch.Tensor, step: Step, max_steps: int, target: float) -> int:
     n = s.shape[0]
     best = n / 2 + float(torch.linalg.slogdet(s)[1]) / 2
     start = float(torch.trace(s)) / 2
@@ -78,17 +79,17 @@ def steps_to_target(s: torch.Tensor, step: Callable[[], float], max_steps: int, 
     return max_steps + 1
 
 
-def p4_run(**options: object) -> Run:
-    def run(s: torch.Tensor, lr: float, max_steps: int, target: float) -> int:
+def p4_method(**options: object) -> Make:
+    merge_every = options.pop("merge_every", None)
+
+    def make(s: torch.Tensor, lr: float) -> Step:
         n = s.shape[0]
         holder = torch.nn.Linear(n, n, bias=False, dtype=torch.float64)
         with torch.no_grad():
             holder.weight.copy_(torch.eye(n))
-        merge_every = options.pop("merge_every", None)
         pert = p4opt.register(holder, "weight", p4opt.PositiveDefinite(seed=0, **options))
-        options["merge_every"] = merge_every
         opt = p4opt.P4Optimizer(torch.optim.Adam(holder.parameters(), lr=lr),
-                                merge_every=merge_every)
+                                merge_every=merge_every)  # type: ignore[arg-type]
 
         def step() -> float:
             loss = loss_of(s, holder.weight, pert.logabsdet())
@@ -97,12 +98,12 @@ def p4_run(**options: object) -> Run:
             opt.step()
             return loss.item()
 
-        return steps_to_target(s, step, max_steps, target)
+        return step
 
-    return run
+    return make
 
 
-def geoopt_run(s: torch.Tensor, lr: float, max_steps: int, target: float) -> int:
+def geoopt_method(s: torch.Tensor, lr: float) -> Step:
     import geoopt
 
     n = s.shape[0]
@@ -117,10 +118,10 @@ def geoopt_run(s: torch.Tensor, lr: float, max_steps: int, target: float) -> int
         opt.step()
         return loss.item()
 
-    return steps_to_target(s, step, max_steps, target)
+    return step
 
 
-def cholesky_run(s: torch.Tensor, lr: float, max_steps: int, target: float) -> int:
+def cholesky_method(s: torch.Tensor, lr: float) -> Step:
     n = s.shape[0]
     z = torch.zeros(n, n, dtype=torch.float64, requires_grad=True)
     d = torch.zeros(n, dtype=torch.float64, requires_grad=True)
@@ -134,17 +135,32 @@ def cholesky_run(s: torch.Tensor, lr: float, max_steps: int, target: float) -> i
         opt.step()
         return loss.item()
 
-    return steps_to_target(s, step, max_steps, target)
+    return step
 
 
-METHODS: dict[str, Run] = {
-    "p4": p4_run(),
-    "p4-rank-n": p4_run(rank=10**6),
-    "p4-merge-10": p4_run(merge_every=10),
-    "p4-factored-rank-4": p4_run(update="factored", rank=4),
-    "geoopt": geoopt_run,
-    "cholesky": cholesky_run,
+METHODS: dict[str, Make] = {
+    "p4": p4_method(),
+    "p4-rank-n": p4_method(rank=10**6),
+    "p4-merge-10": p4_method(merge_every=10),
+    "p4-factored-rank-4": p4_method(update="factored", rank=4),
+    "geoopt": geoopt_method,
+    "cholesky": cholesky_method,
 }
+
+
+def time_per_step(names: list[str], s: torch.Tensor, repeats: int = 5, steps: int = 20) -> dict:
+    """Seconds per step of each method, blocks of ``steps`` interleaved, best of ``repeats``."""
+    runs = {name: METHODS[name](s, 1e-3) for name in names}
+    for step in runs.values():
+        step()
+    best = dict.fromkeys(names, math.inf)
+    for _ in range(repeats):
+        for name, step in runs.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            best[name] = min(best[name], (time.perf_counter() - start) / steps)
+    return best
 
 
 def main() -> None:
@@ -153,38 +169,37 @@ def main() -> None:
     seeds = 1 if args.quick else args.seeds
     lrs = args.lrs[:2] if args.quick else args.lrs
     names = args.methods or list(METHODS)
-    for name in names:  # warm-up: the first run of each method pays one-off costs
-        METHODS[name](problem(8, 80, 99), 1e-2, 5, 0.0)
     records = []
     for n in args.sizes:
         print(f"\nn = {n}: steps to relative excess loss {args.target:g} "
               f"(median over {seeds} seeds at the best lr; > {args.max_steps} = missed)\n")
-        print("| method | best lr | steps (per seed) | median | time per step (× cholesky) |")
-        print("|---|---|---|---|---|")
+        print("| method | best lr | steps (per seed) | median steps | time per step "
+              "(× cholesky) | time to target (× cholesky) |")
+        print("|---|---|---|---|---|---|")
         rows = {}
         for name in names:
             best = None
             for lr in lrs:
-                steps, seconds, timed = [], 0.0, 0
+                steps = []
                 for seed in range(seeds):
                     if steps and steps[0] > args.max_steps:  # seed 0 missed: lr out of range
                         steps.append(args.max_steps + 1)
                         continue
                     s = problem(n, args.samples_per_dim * n, seed)
-                    start = time.perf_counter()
-                    steps.append(METHODS[name](s, lr, args.max_steps, args.target))
-                    seconds += (time.perf_counter() - start) / min(steps[-1], args.max_steps)
-                    timed += 1
+                    steps.append(steps_to_target(s, METHODS[name](s, lr), args.max_steps,
+                                                 args.target))
                     records.append({"n": n, "method": name, "lr": lr, "seed": seed,
                                     "steps": steps[-1]})
                 median = statistics.median(steps)
                 if best is None or median < best[2]:
-                    best = (lr, steps, median, seconds / timed)
+                    best = (lr, steps, median)
             rows[name] = best
-        for name, (lr, steps, median, per_step) in rows.items():
-            ratio = per_step / rows["cholesky"][3] if "cholesky" in rows else float("nan")
+        seconds = time_per_step(names, problem(n, args.samples_per_dim * n, 0))
+        for name, (lr, steps, median) in rows.items():
+            ratio = seconds[name] / seconds["cholesky"] if "cholesky" in seconds else math.nan
             shown = ", ".join(str(x) if x <= args.max_steps else "missed" for x in steps)
-            print(f"| {name} | {lr:g} | {shown} | {median:g} | {ratio:.2f} |")
+            wall = ratio * median / rows["cholesky"][2] if "cholesky" in rows else math.nan
+            print(f"| {name} | {lr:g} | {shown} | {median:g} | {ratio:.2f} | {wall:.2f} |")
     if args.out is not None:
         args.out.write_text(json.dumps(records, indent=1))
 
