@@ -156,3 +156,17 @@ def test_docs_example_runs_and_recovers_the_target():
     w, target = namespace["lin"].weight.detach(), namespace["target"]
     assert _logdet(w).abs() < 1e-12 and (w - target).abs().max() < 1e-5
     assert namespace["pert"].validate().ok
+
+
+def test_conv1x1_weight_is_one_channel_mixing_matrix_with_det_one():
+    conv = torch.nn.Conv2d(4, 4, 1, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        conv.weight.copy_(_matrix(4).reshape(4, 4, 1, 1))
+    pert = p4opt.register(conv, "weight", p4opt.SpecialLinear(update="factored", rank=2, seed=0))
+    _perturb(pert)
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    before = conv(x).detach()
+    assert _logdet(conv.weight.reshape(4, 4)).abs() < 1e-12
+    assert pert.merge().accepted
+    assert (conv(x) - before).abs().max() < 1e-12
+    assert _logdet(conv.weight.reshape(4, 4)).abs() < 1e-12 and pert.validate().ok
