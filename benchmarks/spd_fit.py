@@ -12,10 +12,10 @@ excess loss ``(L − L*) / (L(I) − L*)`` falls below ``--target``. For each me
 learning rate with the smallest median steps over the seeds is kept (a run that misses the
 target counts as ``--max-steps``). Printed: a Markdown table per ``n``.
 
-Methods: ``p4`` (``PositiveDefinite()`` defaults; log-det by ``pert.logabsdet()``),
-variants of its rank, rule and merge interval, ``geoopt`` (``ManifoldParameter`` on
-``SymmetricPositiveDefinite``, log-det by ``slogdet``) and ``cholesky`` (``P = L Lᵀ``,
-``L`` lower triangular with diagonal ``exp(d)``, log-det ``2 Σ d``).
+Methods: ``p4`` (``PositiveDefinite()`` defaults: projected, rank n, merges every 10 steps;
+log-det by ``pert.logabsdet()``), variants of its rank, rule and merge interval,
+``geoopt`` (``ManifoldParameter`` on ``SymmetricPositiveDefinite``, log-det by ``slogdet``)
+and ``cholesky`` (``P = L Lᵀ``, ``L`` lower triangular with diagonal ``exp(d)``, log-det ``2 Σ d``).
 
 Example: ``python benchmarks/spd_fit.py`` (n = 16 and 64, 3 seeds, about ten minutes on
 2 cores); ``--quick`` for a one-seed smoke run.
@@ -81,9 +81,12 @@ def steps_to_target(s: torch.Tensor, step: Step, max_steps: int, target: float) 
 
 def p4_method(**options: object) -> Make:
     merge_every = options.pop("merge_every", None)
+    fraction = options.pop("rank_fraction", None)
 
     def make(s: torch.Tensor, lr: float) -> Step:
         n = s.shape[0]
+        if fraction is not None:
+            options["rank"] = max(1, int(fraction * n))  # type: ignore[operator]
         holder = torch.nn.Linear(n, n, bias=False, dtype=torch.float64)
         with torch.no_grad():
             holder.weight.copy_(torch.eye(n))
@@ -140,8 +143,9 @@ def cholesky_method(s: torch.Tensor, lr: float) -> Step:
 
 METHODS: dict[str, Make] = {
     "p4": p4_method(),
-    "p4-rank-n": p4_method(rank=10**6),
-    "p4-merge-10": p4_method(merge_every=10),
+    "p4-merge-1": p4_method(merge_every=1),
+    "p4-rank-n/4": p4_method(rank_fraction=0.25),
+    "p4-rank-n/4-merge-1": p4_method(rank_fraction=0.25, merge_every=1),
     "p4-factored-rank-4": p4_method(update="factored", rank=4),
     "geoopt": geoopt_method,
     "cholesky": cholesky_method,

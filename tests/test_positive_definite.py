@@ -40,10 +40,10 @@ def _perturb(pert: p4opt.PositiveDefinite, std: float = 0.1, seed: int = 1) -> N
             p.copy_(std * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
-def _gaussian_fit(holder, pert, steps: int, lr: float = 0.05) -> list[float]:
+def _gaussian_fit(holder, pert, steps: int, lr: float = 0.05, every=None) -> list[float]:
     n = holder.weight.shape[-1]
     s = _spd(n, seed=7)  # the loss's minimizer is the precision s^{-1}
-    opt = p4opt.P4Optimizer(torch.optim.Adam(holder.parameters(), lr=lr))
+    opt = p4opt.P4Optimizer(torch.optim.Adam(holder.parameters(), lr=lr), merge_every=every)
     losses = []
     for _ in range(steps):
         loss = ((holder.weight * s).sum() - pert.logabsdet().sum()) / 2
@@ -194,7 +194,7 @@ def test_float32_layer_keeps_a_float64_master_and_corrections_run():
     holder = torch.nn.Module()
     holder.weight = torch.nn.Parameter(_spd(8).float())
     pert = p4opt.register(holder, "weight", p4opt.PositiveDefinite(correct_every=5, seed=0))
-    _gaussian_fit(holder, pert, 20, lr=0.02)
+    _gaussian_fit(holder, pert, 20, lr=0.02, every=1)
     assert pert.master.dtype == torch.float64 and int(pert.merges) == 20
     report = pert.validate()
     assert report.ok, report

@@ -14,7 +14,6 @@ from p4opt._typing import Tensor
 from p4opt._validate import check_bounds, check_choice, check_int, check_number
 from p4opt.errors import ShapeError, SingularMatrixError, describe
 from p4opt.families import congruence as cg
-from p4opt.families.invertible import default_rank
 from p4opt.perturbation import Perturbation, Proposal, Reason, ValidationReport
 
 __all__ = ["PositiveDefinite", "project_spd"]
@@ -77,8 +76,9 @@ class PositiveDefinite(Perturbation):
 
     ``"projected"`` (default)
         The optimizer trains a dense :math:`\Delta` (zero at the identity) and the layer sees
-        :math:`(I + \Delta) A (I + \Delta)^T`; each merge, after every step by default, folds
-        the best rank-k part :math:`UV^T` of :math:`\Delta` (all of it when ``k >= n``).
+        :math:`(I + \Delta) A (I + \Delta)^T`; each merge (every 10 steps by default) folds the
+        best rank-k part :math:`UV^T` of :math:`\Delta` (all of it when ``k >= n``, the
+        default; a smaller ``k`` makes merges :math:`O(n^2k)` and drops the rest of the change).
     ``"factored"``
         :math:`U` (zero at the identity) and :math:`V` (redrawn at every restart) are trained
         directly: :math:`2nk` numbers of optimizer state.
@@ -99,7 +99,7 @@ class PositiveDefinite(Perturbation):
     Parameters
     ----------
     rank : int, optional
-        Rank ``k`` of each merged update; default :func:`~p4opt.families.invertible.default_rank`.
+        Rank ``k`` of each merged update; default ``n`` (projected: all of :math:`\Delta`).
     update : {"projected", "factored"}
     correct_every : int or None
         Merges between Cholesky corrections (``None``: never).
@@ -161,7 +161,7 @@ class PositiveDefinite(Perturbation):
         self._init_scale = None if init_scale is None else check_number(
             "init_scale", init_scale, positive=True
         )
-        self.default_merge_every = 1 if update == "projected" else 10
+        self.default_merge_every = 10
 
     # ------------------------------------------------------------ registration
     def attach(self, value: Tensor) -> Tensor:
@@ -172,7 +172,7 @@ class PositiveDefinite(Perturbation):
                 f"{self.where} is a {describe(value)}"
             )
         n = value.shape[-1]
-        self.rank = default_rank(n) if self.rank is None else self.rank
+        self.rank = n if self.rank is None else self.rank
         k = min(self.rank, n)
         if self._bounds_given is None:
             self.update_logdet_bounds = (-float(k), float(k))

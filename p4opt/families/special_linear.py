@@ -42,7 +42,7 @@ class SpecialLinear(Invertible):
     >>> with torch.no_grad():
     ...     _ = lin.weight.add_(2 * torch.eye(5))
     >>> pert = p4opt.register(lin, "weight", p4opt.SpecialLinear(seed=0))
-    >>> round(float(torch.linalg.det(lin.weight)), 12)
+    >>> round(float(torch.linalg.det(lin.weight.detach())), 12)
     1.0
     >>> with torch.no_grad():
     ...     _ = pert.delta.normal_(std=0.1)
