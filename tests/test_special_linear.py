@@ -170,3 +170,28 @@ def test_conv1x1_weight_is_one_channel_mixing_matrix_with_det_one():
     assert pert.merge().accepted
     assert (conv(x) - before).abs().max() < 1e-12
     assert _logdet(conv.weight.reshape(4, 4)).abs() < 1e-12 and pert.validate().ok
+
+
+@pytest.mark.parametrize("rule", ["projected", "factored"])
+def test_autocast_and_torch_func_grad(rule):
+    lin = torch.nn.Linear(5, 5)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(5) + 0.1 * torch.randn(5, 5))
+    pert = p4opt.register(lin, "weight", RULES[rule]())
+    opt = p4opt.P4Optimizer(torch.optim.Adam(lin.parameters(), lr=1e-2), merge_every=2)
+    x = torch.randn(8, 5)
+    for _ in range(4):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = lin(x).float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.stats["merges_accepted"] == 2 and pert.validate().ok
+    params = {k: v.detach() for k, v in lin.named_parameters()}
+    grads = torch.func.grad(
+        lambda p: torch.func.functional_call(lin, p, (x,)).square().mean()
+    )(params)
+    name = next(k for k in grads if k.startswith("parametrizations.weight.0."))
+    params_grad = dict(lin.named_parameters())[name]
+    lin(x).square().mean().backward()
+    assert torch.allclose(grads[name], params_grad.grad, atol=1e-6)
