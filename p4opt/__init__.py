@@ -22,6 +22,8 @@ from p4opt.families import (
     Invertible,
     LinearStructure,
     Orthogonal,
+    PositiveDefinite,
+    SpecialLinear,
     Symmetric,
     ZeroSum,
 )
@@ -39,6 +41,8 @@ __all__ = [
     "ValidationReport",
     "Invertible",
     "Orthogonal",
+    "PositiveDefinite",
+    "SpecialLinear",
     "LinearStructure",
     "Symmetric",
     "ZeroSum",

@@ -28,6 +28,10 @@ FAMILIES: dict[str, Callable[[], p4opt.Perturbation]] = {
     "invertible-factored-rank3": lambda: p4opt.Invertible(update="factored", rank=3, seed=1),
     "orthogonal-householder": lambda: p4opt.Orthogonal("householder", rank=4, seed=1),
     "orthogonal-givens": lambda: p4opt.Orthogonal("givens", seed=1),
+    "positive-definite": lambda: p4opt.PositiveDefinite(seed=1),  # projected, rank n
+    "positive-definite-factored": lambda: p4opt.PositiveDefinite(update="factored", rank=2, seed=1),
+    "special-linear": lambda: p4opt.SpecialLinear(seed=1),
+    "special-linear-factored": lambda: p4opt.SpecialLinear(update="factored", rank=2, seed=1),
     "symmetric": lambda: p4opt.Symmetric(seed=1),
     "zerosum": lambda: p4opt.ZeroSum(dim=0, value=1.0, seed=1),
     "circulant": lambda: p4opt.Circulant(seed=1),

@@ -1,0 +1,398 @@
+r"""Symmetric positive-definite matrices by congruence, with tracked inverse and log-det."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from p4opt import _lowrank_merge as lowrank
+from p4opt import linalg
+from p4opt._typing import Tensor
+from p4opt._validate import check_bounds, check_choice, check_int, check_number
+from p4opt.errors import ShapeError, SingularMatrixError, describe
+from p4opt.families import congruence as cg
+from p4opt.perturbation import Perturbation, Proposal, Reason, ValidationReport
+
+__all__ = ["PositiveDefinite", "project_spd"]
+
+Bounds = tuple[float, float]
+_SCALABLE = (Reason.UPDATE_BOUNDS.code, Reason.ILL_CONDITIONED_UPDATE.code)
+
+
+def project_spd(value: Tensor, floor: float = 1e-6) -> Tensor:
+    r"""Nearest symmetric matrix with every eigenvalue at least ``floor`` times the largest.
+
+    Symmetrizes :math:`(X + X^T)/2` and, when that is not already positive definite above the
+    floor, clips its eigenvalues from below (the Frobenius-nearest such matrix).
+
+    Parameters
+    ----------
+    value : Tensor, shape (*, n, n)
+    floor : float
+        Relative eigenvalue floor, in (0, 1).
+
+    Returns
+    -------
+    Tensor, shape (*, n, n), float64
+        Cost :math:`O(n^3)`.
+
+    Raises
+    ------
+    SingularMatrixError
+        A matrix of the stack has no positive eigenvalue.
+
+    Examples
+    --------
+    >>> import torch
+    >>> project_spd(torch.tensor([[1.0, 3.0], [1.0, 1.0]])).tolist()   # eigenvalues 3, -1
+    [[1.5, 1.5], [1.5, 1.5]]
+    """
+    sym = cg.symmetrize(value.detach().to(torch.float64))
+    eigval, eigvec = torch.linalg.eigh(sym)
+    top = eigval[..., -1]
+    if not bool((top > 0).all()):
+        raise SingularMatrixError("a matrix with no positive eigenvalue has no SPD projection")
+    low = (floor * top)[..., None]
+    if bool((eigval >= low).all()):
+        return sym
+    clipped = torch.maximum(eigval, low)
+    return cg.symmetrize((eigvec * clipped[..., None, :]) @ eigvec.mT)
+
+
+class PositiveDefinite(Perturbation):
+    r"""Symmetric positive-definite matrices (and stacks) trained through a congruence.
+
+    .. math:: R_{M}(A) = M A M^T, \qquad M = I + UV^T, \qquad
+              \det R_M(A) = (\det C)^2 \det A, \quad C = I_k + V^TU,
+
+    which is symmetric positive definite whenever :math:`A` is and :math:`C` is non-singular.
+    The base keeps :math:`A^{-1}` (Woodbury applied on both sides) and :math:`\log\det A` in
+    float64 (a float64 master copy of :math:`A` too), re-symmetrized at every merge.
+
+    Two update rules (``update``):
+
+    ``"projected"`` (default)
+        The optimizer trains a dense :math:`\Delta` (zero at the identity) and the layer sees
+        :math:`(I + \Delta) A (I + \Delta)^T`; each merge (every 10 steps by default) folds the
+        best rank-k part :math:`UV^T` of :math:`\Delta` (all of it when ``k >= n``, the
+        default; a smaller ``k`` makes merges :math:`O(n^2k)` and drops the rest of the change).
+    ``"factored"``
+        :math:`U` (zero at the identity) and :math:`V` (redrawn at every restart) are trained
+        directly: :math:`2nk` numbers of optimizer state.
+
+    A merge is cut back (projected) or refused when :math:`C` is singular, has
+    :math:`\log|\det C|` outside ``update_logdet_bounds`` (default :math:`(-k, k)`) or a 2-norm
+    condition number above ``max_update_condition``, or when the merged matrix is not finite or
+    has a non-positive diagonal entry. Every ``correct_every`` merges a Cholesky factorization
+    recomputes :math:`A^{-1}` and :math:`\log\det A` and proves positive definiteness (a matrix
+    that lost it to rounding is projected back by :func:`project_spd`).
+
+    Registration symmetrizes the tensor and clips its eigenvalues at ``floor`` times the
+    largest (:func:`project_spd`). Costs: forward :math:`O(n^3)` (projected) or
+    :math:`O(n^2k)` (factored); :meth:`logabsdet` :math:`O(n^2)` right after a merge,
+    :math:`O(nk^2)` factored; :meth:`inverse` :math:`O(n^3)` projected, :math:`O(n^2k)`
+    factored; merge :math:`O(n^2k)`; correction :math:`O(n^3)`.
+
+    Parameters
+    ----------
+    rank : int, optional
+        Rank ``k`` of each merged update; default ``n`` (projected: all of :math:`\Delta`).
+    update : {"projected", "factored"}
+    correct_every : int or None
+        Merges between Cholesky corrections (``None``: never).
+    update_logdet_bounds : (float, float), optional
+        Bounds on :math:`\log|\det C|` of one merged update.
+    max_update_condition : float
+        Largest 2-norm condition number of :math:`C`.
+    floor : float
+        Relative eigenvalue floor of the registration projection.
+    init_scale : float, optional
+        ``"factored"`` only: standard deviation of a redrawn ``V``; default :math:`1/\sqrt k`.
+    on_reject : {"keep", "reset"}
+    seed : int, optional
+
+    Examples
+    --------
+    >>> import torch, p4opt
+    >>> lin = torch.nn.Linear(4, 4, bias=False, dtype=torch.float64)
+    >>> with torch.no_grad():
+    ...     _ = lin.weight.copy_(torch.eye(4) + 0.1)
+    >>> pert = p4opt.register(lin, "weight", p4opt.PositiveDefinite(seed=0))
+    >>> with torch.no_grad():
+    ...     _ = pert.delta.normal_(std=0.1)
+    >>> w = lin.weight
+    >>> bool(torch.allclose(pert.logabsdet(), torch.linalg.slogdet(w)[1]))
+    True
+    >>> pert.merge().accepted, bool(torch.allclose(lin.weight, w))
+    (True, True)
+    """
+
+    element_ndim: ClassVar[int | None] = 2
+    reset_optimizer_state: ClassVar[bool] = False
+    precise_buffers: ClassVar[tuple[str, ...]] = ("master", "inv", "logabsdet_base", "basis")
+
+    def __init__(
+        self,
+        rank: int | None = None,
+        *,
+        update: Literal["projected", "factored"] = "projected",
+        correct_every: int | None = 50,
+        update_logdet_bounds: Bounds | None = None,
+        max_update_condition: float = 1e3,
+        floor: float = 1e-6,
+        init_scale: float | None = None,
+        on_reject: Literal["keep", "reset"] = "keep",
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(seed=seed, correct_every=correct_every, on_reject=on_reject)
+        self.rank = None if rank is None else check_int("rank", rank, minimum=1)
+        self.update = check_choice("update", update, ("projected", "factored"))
+        self._bounds_given = update_logdet_bounds
+        self.update_logdet_bounds = check_bounds("update_logdet_bounds", update_logdet_bounds)
+        self.max_update_condition = check_number(
+            "max_update_condition", max_update_condition, minimum=1
+        )
+        self.floor = check_number("floor", floor, positive=True)
+        if self.floor >= 1:
+            raise ValueError(f"floor must be in (0, 1), got {floor!r}")
+        self._init_scale = None if init_scale is None else check_number(
+            "init_scale", init_scale, positive=True
+        )
+        self.default_merge_every = 10
+
+    # ------------------------------------------------------------ registration
+    def attach(self, value: Tensor) -> Tensor:
+        """Check that ``value`` is square (or a stack); project it onto the SPD matrices."""
+        if value.ndim < 2 or value.shape[-1] != value.shape[-2]:
+            raise ShapeError(
+                "PositiveDefinite needs a square matrix (n, n) or a stack (*, n, n), but "
+                f"{self.where} is a {describe(value)}"
+            )
+        n = value.shape[-1]
+        self.rank = n if self.rank is None else self.rank
+        k = min(self.rank, n)
+        if self._bounds_given is None:
+            self.update_logdet_bounds = (-float(k), float(k))
+        try:
+            master = project_spd(value, self.floor)
+        except SingularMatrixError as error:
+            raise SingularMatrixError(f"{self.where}: {error}") from None
+        chol, info = torch.linalg.cholesky_ex(master)
+        if bool((info != 0).any()):
+            raise SingularMatrixError(f"{self.where} is not numerically positive definite")
+        inv = cg.symmetrize(torch.cholesky_inverse(chol))
+        logdet = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        stack = value.shape[:-2]
+        like = dict(dtype=value.dtype, device=value.device)
+        if "master" not in self._buffers:
+            self.register_buffer("master", master.to(value.device))
+            self.register_buffer("inv", inv.to(value.device))
+            self.register_buffer("logabsdet_base", logdet.to(value.device))
+            if self.update == "projected":
+                self.delta = nn.Parameter(torch.zeros((*stack, n, n), **like))
+                start = torch.randn((*stack, n, k), generator=self.rng(), dtype=torch.float64)
+                self.register_buffer("basis", torch.linalg.qr(start).Q.to(value.device))
+            else:
+                self.U = nn.Parameter(torch.zeros((*stack, n, k), **like))
+                self.V = nn.Parameter(torch.zeros((*stack, n, k), **like))
+        else:  # ``module.weight = X`` on a registered module: same shapes, new values
+            with torch.no_grad():
+                self.master.copy_(master)
+                self.inv.copy_(inv)
+                self.logabsdet_base.copy_(logdet)
+        self.identity()
+        return master.to(value.dtype)
+
+    # ---------------------------------------------------------------- contract
+    def identity(self) -> None:
+        """Return every matrix of the stack to its base (the pending update is dropped)."""
+        self.restart(torch.ones(self.inv.shape[:-2], dtype=torch.bool), folded=False)
+
+    @torch.no_grad()
+    def restart(self, mask: Tensor, folded: bool) -> None:
+        mask = mask.to(self.inv.device)[..., None, None]
+        if self.update == "projected":
+            self.delta.copy_(torch.where(mask, 0, self.delta))
+            return
+        scale = self.rank**-0.5 if self._init_scale is None else self._init_scale
+        fresh = torch.randn(self.V.shape, generator=self.rng(), dtype=torch.float64) * scale
+        self.U.copy_(torch.where(mask, 0, self.U))
+        self.V.copy_(torch.where(mask, fresh.to(self.V), self.V))
+
+    def apply(self, base: Tensor) -> Tensor:
+        r""":math:`(I + UV^T) A (I + UV^T)^T` in the layer's dtype, exactly symmetric."""
+        if self.update == "factored":
+            return cg.congruence(base, self.U, self.V)
+        e = self.delta @ base
+        return cg.symmetrize(base + e + e.mT + e @ self.delta.mT)
+
+    def _factors(self) -> tuple[Tensor, Tensor]:
+        """The exact pending :math:`M - I = UV^T` in float64 (projected: :math:`(\\Delta, I)`)."""
+        if self.update == "factored":
+            return self.U.to(torch.float64), self.V.to(torch.float64)
+        delta = self.delta.to(torch.float64)
+        return delta, torch.eye(delta.shape[-1], dtype=delta.dtype, device=delta.device)
+
+    def _at_zero(self) -> bool:
+        return self.update == "projected" and not bool(self.delta.detach().any())
+
+    # ------------------------------------------------------------ user methods
+    def logabsdet(self) -> Tensor:
+        r""":math:`\log\det W` of the current matrix :math:`W`, differentiable; shape (*)."""
+        if self._at_zero():  # exact value, exact gradient 2I
+            return self.logabsdet_base + 2 * self.delta.to(torch.float64).diagonal(
+                dim1=-2, dim2=-1
+            ).sum(-1)
+        u, v = self._factors()
+        return self.logabsdet_base + 2 * torch.linalg.slogdet(cg.congruence_capacitance(u, v))[1]
+
+    def sign(self) -> Tensor:
+        r"""Sign of :math:`\det W`: always ``+1.``; shape (*)."""
+        return torch.ones_like(self.logabsdet_base)
+
+    def inverse(self) -> Tensor:
+        r""":math:`W^{-1}` (symmetric), float64, differentiable; shape (*, n, n)."""
+        if self._at_zero():  # first-order expansion, exact at delta = 0 with its gradient
+            delta = self.delta.to(torch.float64)
+            return self.inv - self.inv @ delta - delta.mT @ self.inv
+        return cg.congruence_inverse(self.inv, *self._factors())
+
+    def solve(self, y: Tensor) -> Tensor:
+        r"""Apply :math:`W^{-1}` to every vector ``y[..., *, n]``; differentiable, ``y``'s dtype.
+
+        Cost :math:`O(Bn^2)` right after a merge, plus :meth:`inverse` otherwise.
+        """
+        n, stack = self.inv.shape[-1], self.inv.shape[:-2]
+        if not isinstance(y, Tensor) or not y.is_floating_point():
+            raise TypeError(f"y must be a floating-point tensor, got {describe(y)}")
+        if y.ndim < 1 + len(stack) or y.shape[y.ndim - 1 - len(stack):] != (*stack, n):
+            want = ", ".join(str(d) for d in (*stack, n))
+            raise ShapeError(f"y must have shape (..., {want}) for {self.where}, got {describe(y)}")
+
+        def times(m: Tensor, x: Tensor) -> Tensor:
+            return (m.to(y.dtype) @ x.unsqueeze(-1)).squeeze(-1)
+
+        if self._at_zero():
+            z = times(self.inv, y)
+            return z - times(self.inv, times(self.delta, y)) - times(self.delta.mT, z)
+        return times(self.inverse(), y)
+
+    # ------------------------------------------------------------------ merging
+    @torch.no_grad()
+    def _merge_factors(self) -> tuple[Tensor, Tensor]:
+        u, v = self._factors()
+        n = u.shape[-2]
+        if self.update == "factored" or self.rank >= n:  # type: ignore[operator]
+            return u, v
+        q, w, right = lowrank.range_finder(u, self.basis)
+        finite = torch.isfinite(right).all(-1).all(-1)[..., None, None]
+        self.basis.copy_(torch.where(finite, right, self.basis))
+        return q, w
+
+    def propose(self) -> Proposal:
+        """Check every element's capacitance; cut projected steps back; build the merged bases."""
+        u, v = self._merge_factors()
+        finite = torch.isfinite(u).all(-1).all(-1) & torch.isfinite(v).all(-1).all(-1)
+        u = torch.where(finite[..., None, None], u, 0)
+        v = torch.where(finite[..., None, None], v, 0)
+        codes = self._codes(u, v)
+        scale = torch.ones(codes.shape, dtype=torch.float64, device=u.device)
+        scalable = torch.isin(codes, torch.tensor(_SCALABLE, device=codes.device))
+        cut = torch.where(scalable, codes, 0)
+        if self.update == "projected" and bool(scalable.any()):
+            t = cg.congruence_scale(u, v, self.update_logdet_bounds, self.max_update_condition)
+            scale = torch.where(scalable & (t > 0), t, scale)
+            u = u * scale[..., None, None]
+            codes = self._codes(u, v)
+        matrix = cg.congruence(self.master, u, v)
+        inv = cg.congruence_inverse(self.inv, u, v)
+        lad = torch.linalg.slogdet(cg.congruence_capacitance(u, v))[1]
+        limit = torch.finfo(self.base.dtype).max
+        bad = ~(matrix.abs().amax((-2, -1)) < limit) | ~torch.isfinite(inv).all(-1).all(-1)
+        codes = torch.where((codes == 0) & bad, Reason.NON_FINITE_RESULT.code, codes)
+        not_pd = (matrix.diagonal(dim1=-2, dim2=-1) <= 0).any(-1)
+        codes = torch.where((codes == 0) & not_pd, Reason.INFEASIBLE_RESULT.code, codes)
+        codes = torch.where(finite, codes, Reason.NON_FINITE_UPDATE.code)
+        figures = {"update_logabsdet": float(lad.abs().nan_to_num(math.inf).amax())}
+        data = (matrix, inv, self.logabsdet_base + 2 * lad)
+        return Proposal(codes=codes, scale=scale, cut=cut, figures=figures, data=data)
+
+    def _codes(self, u: Tensor, v: Tensor) -> Tensor:
+        cap = cg.congruence_capacitance(u, v)
+        sign, lad = torch.linalg.slogdet(cap)
+        lo, hi = self.update_logdet_bounds
+        checks = [
+            (sign == 0) | ~torch.isfinite(lad),
+            (lad < lo) | (lad > hi),
+            lowrank._condition(cap) > self.max_update_condition,
+        ]
+        reasons = (Reason.SINGULAR_UPDATE, Reason.UPDATE_BOUNDS, Reason.ILL_CONDITIONED_UPDATE)
+        code = torch.zeros(sign.shape, dtype=torch.long, device=cap.device)
+        for reason, failed in zip(reasons, checks, strict=True):
+            code = torch.where((code == 0) & failed, reason.code, code)
+        return code
+
+    def fold(self, proposal: Proposal, ok: Tensor) -> None:
+        matrix, inv, logdet = proposal.data
+        mask = ok[..., None, None]
+        self.master.copy_(torch.where(mask, matrix, self.master))
+        self.inv.copy_(torch.where(mask, inv, self.inv))
+        self.logabsdet_base.copy_(torch.where(ok, logdet, self.logabsdet_base))
+        self.base.copy_(self.master)
+        partial = ok & (proposal.scale < 1)  # type: ignore[operator]
+        if bool(partial.any()):  # the step was cut back; the rest is discarded
+            self.restart(partial, folded=True)
+
+    @torch.no_grad()
+    def correct(self) -> dict[str, float]:
+        """Cholesky of the master copy: exact inverse and log-det, PD proven; :math:`O(n^3)`."""
+        chol, info = torch.linalg.cholesky_ex(self.master)
+        repaired = int((info != 0).sum())
+        if repaired:  # rounding broke positive definiteness: project back
+            self.master.copy_(project_spd(self.master, self.floor))
+            self.base.copy_(self.master)
+            chol = torch.linalg.cholesky(self.master)
+        inv = cg.symmetrize(torch.cholesky_inverse(chol))
+        residual = float(linalg.inverse_residual(self.master, self.inv).abs().amax())
+        self.inv.copy_(inv)
+        self.logabsdet_base.copy_(2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1))
+        return {"inverse_residual": residual, "repaired": float(repaired)}
+
+    def dtype_changed(self, old: torch.dtype, new: torch.dtype) -> None:
+        with torch.no_grad():
+            self.base.copy_(self.master)
+
+    @torch.no_grad()
+    def validate(self) -> ValidationReport:
+        r"""Measure the current matrix :math:`W` (float64) against dense linear algebra.
+
+        Figures: ``symmetry_error`` :math:`\max|W - W^T|` of the layer's matrix,
+        ``min_eigenvalue`` (relative to the largest), ``inverse_error``
+        :math:`\lVert W W^{-1} - I\rVert_{\max}`, ``logdet_error`` against
+        ``torch.linalg.slogdet`` and ``base_rounding`` (layer base against the float64 master).
+        A matrix that is not positive definite gives a FAILED report. Cost :math:`O(n^3)`.
+        """
+        layer = self.current()
+        w = cg.congruence(self.master, *self._factors())
+        eig = torch.linalg.eigvalsh(w)
+        scale = float(self.master.abs().amax())
+        figures = {
+            "symmetry_error": float((layer - layer.mT).abs().amax()),
+            "min_eigenvalue": float((eig[..., 0] / eig[..., -1]).amin()),
+            "base_rounding": float((self.base.double() - self.master).abs().amax()) / scale,
+        }
+        tolerances = {"symmetry_error": 0.0, "inverse_error": 1e-6, "logdet_error": 1e-6}
+        tolerances["base_rounding"] = 2 * torch.finfo(self.base.dtype).eps
+        sign, ref = torch.linalg.slogdet(w)
+        if not bool((eig[..., 0] > 0).all() & (sign > 0).all()):
+            figures.update(inverse_error=math.inf, logdet_error=math.inf)
+            return ValidationReport(self.where, figures, tolerances, "not positive definite")
+        figures["inverse_error"] = float(linalg.inverse_residual(w, self.inverse()).abs().amax())
+        figures["logdet_error"] = float((self.logabsdet() - ref).abs().amax())
+        return ValidationReport(self.where, figures, tolerances)
+
+    def extra_repr(self) -> str:
+        return f"update={self.update!r}, rank={self.rank}, correct_every={self.correct_every}"

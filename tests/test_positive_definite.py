@@ -1,0 +1,247 @@
+"""PositiveDefinite: SPD by congruence, with a tracked inverse and log-determinant."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import p4opt
+from p4opt.families.congruence import congruence, congruence_inverse
+from p4opt.families.positive_definite import project_spd
+
+RULES = {
+    "projected": lambda: p4opt.PositiveDefinite(seed=0),
+    "projected-rank2": lambda: p4opt.PositiveDefinite(rank=2, seed=0),
+    "factored": lambda: p4opt.PositiveDefinite(update="factored", rank=2, seed=0),
+}
+
+
+def _spd(n: int, batch=(), seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*batch, n, n, generator=g, dtype=torch.float64)
+    return x @ x.mT / n + 0.5 * torch.eye(n, dtype=torch.float64)
+
+
+def _layer(rule: str, n: int = 5, batch=()):
+    holder = torch.nn.Module()
+    holder.weight = torch.nn.Parameter(_spd(n, batch))
+    return holder, p4opt.register(holder, "weight", RULES[rule]())
+
+
+def _perturb(pert: p4opt.PositiveDefinite, std: float = 0.1, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in pert.trainable():
+            p.copy_(std * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def _gaussian_fit(holder, pert, steps: int, lr: float = 0.05, every=None) -> list[float]:
+    n = holder.weight.shape[-1]
+    s = _spd(n, seed=7)  # the loss's minimizer is the precision s^{-1}
+    opt = p4opt.P4Optimizer(torch.optim.Adam(holder.parameters(), lr=lr), merge_every=every)
+    losses = []
+    for _ in range(steps):
+        loss = ((holder.weight * s).sum() - pert.logabsdet().sum()) / 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_training_keeps_the_matrix_spd_and_fits_the_precision(rule):
+    holder, pert = _layer(rule)
+    losses = _gaussian_fit(holder, pert, 60)
+    w = holder.weight.detach()
+    assert (w - w.mT).abs().max() <= 1e-12
+    assert torch.linalg.eigvalsh(w).min() > 0
+    assert losses[-1] < losses[0] - 0.5
+    report = pert.validate()
+    assert report.ok, report
+    assert pert.merges > 0
+
+
+@pytest.mark.parametrize("rule", ["projected", "factored"])  # the whole update is folded
+def test_merge_leaves_the_matrix_unchanged(rule):
+    holder, pert = _layer(rule)
+    _perturb(pert)
+    before = holder.weight.detach().clone()
+    lad, inv = pert.logabsdet().detach(), pert.inverse().detach()
+    result = pert.merge()
+    assert result.accepted
+    assert (holder.weight - before).abs().max() < 1e-12 * before.abs().max()
+    assert (pert.logabsdet() - lad).abs().max() < 1e-12
+    assert (pert.inverse() - inv).abs().max() < 1e-10
+
+
+def test_partial_rank_merge_folds_the_leading_directions():
+    holder, pert = _layer("projected-rank2")
+    _perturb(pert)
+    pert.merge()  # the rest of the change is dropped: the matrix moved, and stays tracked
+    w = holder.weight.detach()
+    assert (pert.inverse() - torch.linalg.inv(w)).abs().max() < 1e-10
+    assert (pert.logabsdet() - torch.linalg.slogdet(w)[1]).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_inverse_logdet_and_solve_match_dense_algebra(rule):
+    holder, pert = _layer(rule)
+    for _ in range(2):  # at the identity, then with a pending update
+        w = holder.weight.detach()
+        assert (pert.inverse() - torch.linalg.inv(w)).abs().max() < 1e-10
+        assert (pert.logabsdet() - torch.linalg.slogdet(w)[1]).abs() < 1e-12
+        y = torch.randn(3, 5, dtype=torch.float64)
+        assert (pert.solve(y) - torch.linalg.solve(w, y.mT).mT).abs().max() < 1e-10
+        assert float(pert.sign()) == 1.0
+        _perturb(pert)
+
+
+@contextlib.contextmanager
+def _trainable_as(pert, name: str, value: torch.Tensor):
+    saved = pert._parameters[name]
+    pert._parameters[name] = value
+    try:
+        yield
+    finally:
+        pert._parameters[name] = saved
+
+
+@pytest.mark.parametrize("at_zero", [True, False])
+def test_gradients_of_logdet_inverse_and_solve_pass_gradcheck(at_zero):
+    holder, pert = _layer("projected", n=4)
+    start = torch.zeros(4, 4, dtype=torch.float64) if at_zero else 0.1 * torch.randn(4, 4).double()
+    y = torch.randn(2, 4, dtype=torch.float64)
+
+    def outputs(delta):
+        with _trainable_as(pert, "delta", delta):
+            return pert.logabsdet(), pert.inverse(), pert.solve(y), holder.weight
+
+    assert torch.autograd.gradcheck(outputs, (start.requires_grad_(),))
+
+
+def test_factored_logdet_and_inverse_pass_gradcheck():
+    holder, pert = _layer("factored", n=4)
+    u = (0.1 * torch.randn(4, 2, dtype=torch.float64)).requires_grad_()
+    v = torch.randn(4, 2, dtype=torch.float64).requires_grad_()
+
+    def outputs(u, v):
+        with _trainable_as(pert, "U", u), _trainable_as(pert, "V", v):
+            return pert.logabsdet(), pert.inverse(), holder.weight
+
+    assert torch.autograd.gradcheck(outputs, (u, v))
+
+
+def test_registration_projects_onto_spd_and_validates():
+    holder = torch.nn.Module()
+    raw = torch.randn(6, 6, dtype=torch.float64)  # neither symmetric nor definite
+    holder.weight = torch.nn.Parameter(raw.clone())
+    pert = p4opt.register(holder, "weight", p4opt.PositiveDefinite(floor=1e-3))
+    w = holder.weight.detach()
+    eig = torch.linalg.eigvalsh(w)
+    assert torch.equal(w, w.mT) and eig.min() >= 1e-3 * eig.max() * (1 - 1e-9)
+    sym_eig = torch.linalg.eigvalsh((raw + raw.mT) / 2)
+    assert (eig - sym_eig.clamp_min(1e-3 * sym_eig.max())).abs().max() < 1e-10
+    assert pert.validate().ok
+    spd = _spd(6)
+    assert torch.equal(project_spd(spd), spd)  # an SPD input is kept as it is
+
+
+def test_registration_refuses_non_square_and_negative_definite():
+    lin = torch.nn.Linear(3, 4)
+    with pytest.raises(p4opt.ShapeError, match="square"):
+        p4opt.register(lin, "weight", p4opt.PositiveDefinite())
+    holder = torch.nn.Module()
+    holder.weight = torch.nn.Parameter(-torch.eye(3))
+    with pytest.raises(p4opt.SingularMatrixError, match="no positive eigenvalue"):
+        p4opt.register(holder, "weight", p4opt.PositiveDefinite())
+
+
+@pytest.mark.parametrize("rule", ["projected", "factored"])
+def test_stack_is_merged_element_by_element(rule):
+    holder, pert = _layer(rule, n=4, batch=(3,))
+    _perturb(pert)
+    base = pert.base.detach().clone()
+    with torch.no_grad():
+        pert.trainable()[0][1] = float("nan")
+    result = pert.merge()
+    assert (result.folded, result.rejected) == (2, 1)
+    assert torch.equal(pert.base[1], base[1]) and not torch.equal(pert.base[0], base[0])
+    w = holder.weight.detach()
+    assert (pert.inverse() - torch.linalg.inv(w)).abs().max() < 1e-10
+    assert (pert.logabsdet() - torch.linalg.slogdet(w)[1]).abs().max() < 1e-12
+    assert pert.validate().ok
+
+
+def test_singular_congruence_is_refused_and_the_base_kept():
+    holder, pert = _layer("factored", n=4)
+    v = torch.randn(4, 2, dtype=torch.float64)
+    u = -v @ torch.linalg.inv(v.mT @ v)  # V^T U = -I: I + U V^T is singular
+    with torch.no_grad():
+        pert.U.copy_(u)
+        pert.V.copy_(v)
+    base = pert.base.detach().clone()
+    result = pert.merge()
+    assert result.rejected == 1 and torch.equal(pert.base, base)
+
+
+def test_float32_layer_keeps_a_float64_master_and_corrections_run():
+    holder = torch.nn.Module()
+    holder.weight = torch.nn.Parameter(_spd(8).float())
+    pert = p4opt.register(holder, "weight", p4opt.PositiveDefinite(correct_every=5, seed=0))
+    _gaussian_fit(holder, pert, 20, lr=0.02, every=1)
+    assert pert.master.dtype == torch.float64 and int(pert.merges) == 20
+    report = pert.validate()
+    assert report.ok, report
+
+
+def test_congruence_kernels_match_dense_products():
+    a = _spd(6)
+    g = torch.Generator().manual_seed(3)
+    u, v = (0.3 * torch.randn(2, 6, 3, generator=g, dtype=torch.float64)).unbind(0)
+    m = torch.eye(6, dtype=torch.float64) + u @ v.mT
+    assert (congruence(a, u, v) - m @ a @ m.mT).abs().max() < 1e-12
+    ref = torch.linalg.inv(m @ a @ m.mT)
+    assert (congruence_inverse(torch.linalg.inv(a), u, v) - ref).abs().max() < 1e-10
+
+
+def test_docs_example_runs_and_recovers_the_covariance():
+    page = Path(__file__).resolve().parents[1] / "docs" / "families" / "positive_definite.md"
+    block = re.findall(r"^```python\n(.*?)^```", page.read_text(encoding="utf-8"), re.M | re.S)[1]
+    namespace: dict[str, object] = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(compile(block, "positive_definite.md", "exec"), namespace)  # noqa: S102
+    x, cov = namespace["x"], namespace["covariance"]
+    sample = x.mT @ x / x.shape[0]  # the maximum-likelihood covariance
+    assert (cov - sample).abs().max() < 1e-3 * sample.abs().max()
+    assert namespace["pert"].validate().ok
+
+
+@pytest.mark.parametrize("rule", ["projected", "factored"])
+def test_autocast_and_torch_func_grad(rule):
+    lin = torch.nn.Linear(5, 5)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(5) + 0.1 * torch.randn(5, 5))
+    pert = p4opt.register(lin, "weight", RULES[rule]())
+    opt = p4opt.P4Optimizer(torch.optim.Adam(lin.parameters(), lr=1e-2), merge_every=2)
+    x = torch.randn(8, 5)
+    for _ in range(4):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = lin(x).float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.stats["merges_accepted"] == 2 and pert.validate().ok
+    params = {k: v.detach() for k, v in lin.named_parameters()}
+    grads = torch.func.grad(
+        lambda p: torch.func.functional_call(lin, p, (x,)).square().mean()
+    )(params)
+    name = next(k for k in grads if k.startswith("parametrizations.weight.0."))
+    params_grad = dict(lin.named_parameters())[name]
+    lin(x).square().mean().backward()
+    assert torch.allclose(grads[name], params_grad.grad, atol=1e-6)
