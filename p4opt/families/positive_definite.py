@@ -8,12 +8,12 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from p4opt import _lowrank_merge as lowrank
 from p4opt import linalg
 from p4opt._typing import Tensor
 from p4opt._validate import check_bounds, check_choice, check_int, check_number
-from p4opt.errors import ShapeError, SingularMatrixError, describe
+from p4opt.errors import P4TypeError, P4ValueError, ShapeError, SingularMatrixError, describe
 from p4opt.families import congruence as cg
+from p4opt.linalg.merge import _condition
 from p4opt.perturbation import Perturbation, Proposal, Reason, ValidationReport
 
 __all__ = ["PositiveDefinite", "project_spd"]
@@ -132,7 +132,7 @@ class PositiveDefinite(Perturbation):
 
     element_ndim: ClassVar[int | None] = 2
     reset_optimizer_state: ClassVar[bool] = False
-    precise_buffers: ClassVar[tuple[str, ...]] = ("master", "inv", "logabsdet_base", "basis")
+    precise_buffers: ClassVar[tuple[str, ...]] = ("master", "inv", "logabsdet_base")
 
     def __init__(
         self,
@@ -157,7 +157,7 @@ class PositiveDefinite(Perturbation):
         )
         self.floor = check_number("floor", floor, positive=True)
         if self.floor >= 1:
-            raise ValueError(f"floor must be in (0, 1), got {floor!r}")
+            raise P4ValueError(f"floor must be in (0, 1), got {floor!r}")
         self._init_scale = None if init_scale is None else check_number(
             "init_scale", init_scale, positive=True
         )
@@ -193,8 +193,6 @@ class PositiveDefinite(Perturbation):
             self.register_buffer("logabsdet_base", logdet.to(value.device))
             if self.update == "projected":
                 self.delta = nn.Parameter(torch.zeros((*stack, n, n), **like))
-                start = torch.randn((*stack, n, k), generator=self.rng(), dtype=torch.float64)
-                self.register_buffer("basis", torch.linalg.qr(start).Q.to(value.device))
             else:
                 self.U = nn.Parameter(torch.zeros((*stack, n, k), **like))
                 self.V = nn.Parameter(torch.zeros((*stack, n, k), **like))
@@ -267,7 +265,7 @@ class PositiveDefinite(Perturbation):
         """
         n, stack = self.inv.shape[-1], self.inv.shape[:-2]
         if not isinstance(y, Tensor) or not y.is_floating_point():
-            raise TypeError(f"y must be a floating-point tensor, got {describe(y)}")
+            raise P4TypeError(f"y must be a floating-point tensor, got {describe(y)}")
         if y.ndim < 1 + len(stack) or y.shape[y.ndim - 1 - len(stack):] != (*stack, n):
             want = ", ".join(str(d) for d in (*stack, n))
             raise ShapeError(f"y must have shape (..., {want}) for {self.where}, got {describe(y)}")
@@ -287,10 +285,8 @@ class PositiveDefinite(Perturbation):
         n = u.shape[-2]
         if self.update == "factored" or self.rank >= n:  # type: ignore[operator]
             return u, v
-        q, w, right = lowrank.range_finder(u, self.basis)
-        finite = torch.isfinite(right).all(-1).all(-1)[..., None, None]
-        self.basis.copy_(torch.where(finite, right, self.basis))
-        return q, w
+        start = torch.randn((*u.shape[:-1], self.rank), generator=self.rng(), dtype=u.dtype)
+        return linalg.range_finder(u, start.to(u.device))
 
     def propose(self) -> Proposal:
         """Check every element's capacitance; cut projected steps back; build the merged bases."""
@@ -327,7 +323,7 @@ class PositiveDefinite(Perturbation):
         checks = [
             (sign == 0) | ~torch.isfinite(lad),
             (lad < lo) | (lad > hi),
-            lowrank._condition(cap) > self.max_update_condition,
+            _condition(cap) > self.max_update_condition,
         ]
         reasons = (Reason.SINGULAR_UPDATE, Reason.UPDATE_BOUNDS, Reason.ILL_CONDITIONED_UPDATE)
         code = torch.zeros(sign.shape, dtype=torch.long, device=cap.device)
