@@ -9,13 +9,9 @@ parameterized by small trainable tensors :math:`B` with an identity element :mat
 from __future__ import annotations
 
 import abc
-import functools
-import warnings
-import weakref
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
-from torch import nn
 
 from p4opt._typing import Tensor
 from p4opt._validate import (
@@ -25,7 +21,7 @@ from p4opt._validate import (
     check_int,
     check_optional_int,
 )
-from p4opt.errors import RegistrationError
+from p4opt.binding import Bound, owner_of
 from p4opt.records import MergeResult, Proposal, Reason, ValidationReport
 
 __all__ = ["Perturbation", "MergeResult", "Proposal", "Reason", "ValidationReport", "owner_of"]
@@ -36,42 +32,9 @@ OnReject = Literal["keep", "reset"]
 _FORCED_DROPS = tuple(
     r.code for r in (Reason.NON_FINITE_UPDATE, Reason.NON_FINITE_RESULT, Reason.INFEASIBLE_RESULT)
 )
-#: id(tensor) -> (tensor, perturbation, role), all weak; filled by :func:`p4opt.register`, read
-#: by the optimizer. Keyed by tensor identity, so two models never see each other.
-_OWNERS: dict[int, tuple[weakref.ref[Tensor], weakref.ref[Perturbation], str]] = {}
 
 
-def owner_of(tensor: Tensor) -> tuple[Perturbation, str] | None:
-    """The registered perturbation owning a tensor, with its role (``"trainable"``/``"base"``)."""
-    entry = _OWNERS.get(id(tensor))
-    if entry is None or entry[0]() is not tensor:
-        return None
-    pert = entry[1]()
-    return None if pert is None or not pert.is_registered else (pert, entry[2])
-
-
-def _record(tensor: Tensor, pert: Perturbation, role: str) -> None:
-    key = id(tensor)
-    entry = _OWNERS.get(key)
-    if entry is not None and entry[0]() is tensor:
-        _OWNERS[key] = (entry[0], weakref.ref(pert), role)
-        return
-    _OWNERS[key] = (weakref.ref(tensor, lambda _, key=key: _OWNERS.pop(key, None)),
-                    weakref.ref(pert), role)
-
-
-def _forget(tensor: Tensor) -> None:
-    entry = _OWNERS.get(id(tensor))
-    if entry is not None and entry[0]() is tensor:
-        del _OWNERS[id(tensor)]
-
-
-def _mix(seed: int, draw: int) -> int:
-    """A 63-bit seed for draw number ``draw`` of a perturbation seeded with ``seed``."""
-    return (seed * 0x9E3779B97F4A7C15 + draw * 0xBF58476D1CE4E5B9 + 1) % (2**63 - 1)
-
-
-class Perturbation(nn.Module, abc.ABC):
+class Perturbation(Bound, abc.ABC):
     r"""Abstract base of every P⁴ family; owns the merge cycle as a template.
 
     A family implements:
@@ -115,8 +78,6 @@ class Perturbation(nn.Module, abc.ABC):
     #: Whether, after a restart, the optimizer's state of the trainable tensors is dropped
     #: (``P4Optimizer(reset_state=...)`` overrides it).
     reset_optimizer_state: ClassVar[bool] = True
-    #: Buffers that keep their dtype under ``module.float()``/``.double()`` (bookkeeping).
-    precise_buffers: ClassVar[tuple[str, ...]] = ()
     #: Trailing dimensions forming one element of a stack (``None``: the whole tensor).
     element_ndim: ClassVar[int | None] = None
 
@@ -127,44 +88,10 @@ class Perturbation(nn.Module, abc.ABC):
         correct_every: int | None = None,
         on_reject: OnReject = "keep",
     ) -> None:
-        super().__init__()
-        seed = -1 if seed is None else check_int("seed", seed, minimum=0)
+        super().__init__(-1 if seed is None else check_int("seed", seed, minimum=0))
         self.correct_every = check_optional_int("correct_every", correct_every, minimum=1)
         self.on_reject: OnReject = check_choice("on_reject", on_reject, ("keep", "reset"))
-        self.register_buffer("rng_seed", torch.tensor(seed, dtype=torch.long))
-        self.register_buffer("rng_draws", torch.zeros((), dtype=torch.long))
-        self.register_buffer("merges", torch.zeros((), dtype=torch.long))
-        self.where = "<unregistered>"
-        self._layer_dtype: torch.dtype | None = None
         self._last_grads: dict[str, Tensor] = {}
-        self._seen_versions: tuple[int, ...] = ()
-        self._updates_since_merge = 0
-        object.__setattr__(self, "_owner", None)
-        object.__setattr__(self, "_context_ref", None)
-
-    @property
-    def _context(self) -> nn.Module | None:
-        """The module the perturbation is being registered on (``None`` when unknown)."""
-        ref = self._context_ref
-        return None if ref is None else ref()
-
-    def _set_context(self, module: nn.Module) -> None:
-        object.__setattr__(self, "_context_ref", weakref.ref(module))
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        own_apply = cls.__dict__.get("apply")
-        if own_apply is not None:  # ``model.apply(fn)`` must keep reaching nn.Module.apply
-
-            @functools.wraps(own_apply)
-            def apply(self: Perturbation, base: Any) -> Any:
-                if callable(base) and not isinstance(base, Tensor):
-                    return nn.Module.apply(self, base)
-                if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-                    self._watch_for_missing_merges()
-                return own_apply(self, base)
-
-            cls.apply = apply  # type: ignore[method-assign]
 
     # ----------------------------------------------------------------- contract
     @abc.abstractmethod
@@ -213,22 +140,6 @@ class Perturbation(nn.Module, abc.ABC):
     def correct(self) -> dict[str, float]:
         """Periodic numerical correction of the base (after every ``correct_every`` merges)."""
         return {}
-
-    def _watch_for_missing_merges(self) -> None:
-        """Warn once when the trainable tensors keep changing but nothing merges them."""
-        versions = tuple(p._version for p in self._parameters.values() if p is not None)
-        if versions == self._seen_versions:
-            return
-        self._seen_versions = versions
-        self._updates_since_merge += 1
-        limit = max(100, 20 * self.default_merge_every)
-        if self._updates_since_merge == limit and self.is_registered:
-            warnings.warn(
-                f"{self.where}: its {type(self).__name__} perturbation has changed {limit} times "
-                "without a merge, so it stays a perturbation of the same base: wrap the "
-                "optimizer in p4opt.P4Optimizer(...) (or call merge() yourself)",
-                stacklevel=4,
-            )
 
     # -------------------------------------------------------------- the cycle
     @torch.no_grad()
@@ -314,16 +225,6 @@ class Perturbation(nn.Module, abc.ABC):
             return torch.Size()
         return self.base.shape[: self.base.ndim - self.element_ndim]
 
-    def _sync_dtype(self) -> None:
-        """React to a change of the layer's dtype since registration (see :meth:`dtype_changed`)."""
-        dtype = self.base.dtype
-        if self._layer_dtype is not None and dtype != self._layer_dtype:
-            old, self._layer_dtype = self._layer_dtype, dtype
-            self.dtype_changed(old, dtype)
-
-    def dtype_changed(self, old: torch.dtype, new: torch.dtype) -> None:
-        """Bring the bookkeeping in line after ``module.to(dtype)``; default: nothing."""
-
     # ------------------------------------------------------------- plumbing
     def forward(self, base: Tensor) -> Tensor:
         return self.apply(base)
@@ -335,59 +236,6 @@ class Perturbation(nn.Module, abc.ABC):
         base = self.attach(value)
         self._layer_dtype = value.dtype
         return base
-
-    def rng(self) -> torch.Generator:
-        """A CPU generator for the next random draw (seeded from ``rng_seed`` and ``rng_draws``).
-
-        A perturbation built without a seed draws one from torch's global generator at its
-        first draw (families that never draw leave the global generator alone).
-        """
-        if int(self.rng_seed) < 0:
-            self.rng_seed.fill_(int(torch.randint(0, 2**62, (1,)).item()))
-        generator = torch.Generator().manual_seed(_mix(int(self.rng_seed), int(self.rng_draws)))
-        self.rng_draws += 1
-        return generator
-
-    def _bind(self, owner: nn.Module, name: str) -> None:
-        object.__setattr__(self, "_owner", owner.parametrizations[name])  # type: ignore[index]
-        self._claim()
-
-    def _unbind(self) -> None:
-        for tensor in [*self.trainable(), self._owner.original]:  # type: ignore[union-attr]
-            _forget(tensor)
-        object.__setattr__(self, "_owner", None)
-
-    def _claim(self) -> None:
-        """Record this perturbation as the owner of its tensors (read by the optimizer)."""
-        if self._owner is None:
-            return
-        for tensor in self.trainable():
-            _record(tensor, self, "trainable")
-        base = getattr(self._owner, "__dict__", {}).get("_parameters", {}).get("original")
-        if base is not None:  # absent while a deepcopy is still rebuilding the owner
-            _record(base, self, "base")
-
-    def __setstate__(self, state: dict[str, Any]) -> None:  # deepcopy and pickle
-        super().__setstate__(state)
-        self._claim()
-
-    @property
-    def is_registered(self) -> bool:
-        return self._owner is not None
-
-    @property
-    def base(self) -> Tensor:
-        """The frozen base tensor :math:`A` this perturbation acts on."""
-        if self._owner is None:
-            raise RegistrationError(
-                f"{type(self).__name__} is not registered on any tensor; "
-                "use p4opt.register(module, name, perturbation) first"
-            )
-        return self._owner.original
-
-    def trainable(self) -> list[nn.Parameter]:
-        """The trainable tensors :math:`B` (the ones whose optimizer state a merge makes stale)."""
-        return list(self.parameters(recurse=False))
 
     def current(self) -> Tensor:
         """The current perturbed tensor :math:`R_B(A)`."""
@@ -407,39 +255,6 @@ class Perturbation(nn.Module, abc.ABC):
         """
         current = self.current().detach().clone()
         self.base.copy_(self.right_inverse(current))
-
-    def _apply(self, fn: Any, recurse: bool = True) -> Perturbation:
-        # Bookkeeping buffers keep their dtype under ``model.float()``: they get the requested
-        # device move (or ``to_empty``) only.
-        order = list(self._buffers)
-        saved = {n: self._buffers.pop(n) for n in self.precise_buffers if n in self._buffers}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for name, buf in saved.items():
-                if buf is not None:
-                    probe = fn(torch.empty(0, dtype=buf.dtype, device=buf.device))
-                    if probe.dtype == buf.dtype:
-                        buf = fn(buf)
-                    elif buf.device.type == "meta" or probe.device.type == "meta":
-                        buf = torch.empty_like(buf, device=probe.device)
-                    else:
-                        buf = buf.to(probe.device)
-                self._buffers[name] = buf
-            self._buffers = {n: self._buffers[n] for n in order if n in self._buffers}
-        self._claim()
-        return self
-
-    def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
-    ) -> None:
-        # checkpoints of 0.1 hold a generator state (draws now come from buffers) and no draw
-        # or merge counters: ignore the one, keep the current values of the others
-        state_dict.pop(prefix + "_extra_state", None)
-        for name in ("rng_seed", "rng_draws", "merges"):
-            state_dict.setdefault(prefix + name, getattr(self, name))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._claim()
 
 
 def _codes(ok: bool | Tensor, reason: Reason) -> Tensor:
