@@ -6,12 +6,13 @@ import math
 from typing import Any, ClassVar, Literal
 
 import torch
-from torch import nn
 
 from p4opt import linalg
 from p4opt._typing import Tensor
 from p4opt._validate import check_bounds, check_choice, check_dtype, check_int, check_number
-from p4opt.errors import P4TypeError, P4ValueError, ShapeError, SingularMatrixError, describe
+from p4opt.errors import P4ValueError, ShapeError
+from p4opt.families import square
+from p4opt.families.invertible_queries import TrackedInverse
 from p4opt.families.invertible_updates import Factored, Projected, UpdateRule
 from p4opt.linalg import merge as lowrank
 from p4opt.perturbation import Perturbation, Proposal, ValidationReport
@@ -34,7 +35,7 @@ def default_rank(n: int) -> int:
     return n if n <= 16 else max(16, n // 4)
 
 
-class Invertible(Perturbation):
+class Invertible(TrackedInverse, Perturbation):
     r"""Invertible square matrices with an exactly tracked inverse and log-determinant (P⁴Inv).
 
     The base :math:`A` keeps :math:`A^{-1}` and :math:`\log|\det A|` with its sign in
@@ -56,9 +57,8 @@ class Invertible(Perturbation):
         its last gradient) trained directly: :math:`2nk` numbers of optimizer state, for very
         large ``n``; each merge cycle moves the matrix in ``k`` directions only.
 
-    A merge whose update would leave the bounds below is cut back to the largest fraction
-    :math:`t \in (0, 1]` that keeps it inside (a *partial* merge; with ``"factored"`` the
-    remaining :math:`(1-t)UV^T` stays pending, so the layer's function never jumps).
+    A merge whose update would leave the bounds is cut back to the largest fraction that keeps
+    it inside (a *partial* merge).
 
     A tensor of shape ``(*, n, n)`` is a stack of matrices, each merged and validated on its
     own; a 1×1 convolution weight ``(c, c, 1, ...)`` is one ``c × c`` channel-mixing matrix.
@@ -204,48 +204,15 @@ class Invertible(Perturbation):
         return value
 
     def _as_matrix(self, value: Tensor) -> Tensor:
-        """The (*, n, n) matrix view of a registered tensor (see the class doc)."""
-        context = self._context
-        is_conv = isinstance(context, nn.modules.conv._ConvNd)
-        if is_conv and value.ndim >= 3 and all(s == 1 for s in value.shape[2:]):
-            if value.shape[0] != value.shape[1]:
-                raise ShapeError(
-                    f"Invertible needs as many output as input channels, but {self.where} is a "
-                    f"{describe(value)}"
-                )
-            self._conv = True
-            return value.reshape(value.shape[0], value.shape[1])
-        if is_conv:
-            raise ShapeError(
-                f"{self.where} is a convolution weight with kernel {tuple(value.shape[2:])}: "
-                "Invertible treats only 1x1 kernels, as one channel-mixing matrix (use "
-                "p4opt.nn.InvertibleConv1x1); a larger kernel has no inverse of this form"
-            )
-        if value.ndim < 2 or value.shape[-1] != value.shape[-2]:
-            raise ShapeError(
-                "Invertible needs a square matrix (n, n) or a stack (*, n, n), but "
-                f"{self.where} is a {describe(value)}"
-            )
-        return value
+        """The (*, n, n) matrix view of a registered tensor (see :func:`square.matrix_view`)."""
+        matrix, self._conv = square.matrix_view(value, self.where, self._context)
+        return matrix
 
     def _as_weight(self, matrix: Tensor) -> Tensor:
         return matrix.reshape(self.base.shape) if self._conv else matrix
 
     def _check_invertible(self, matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        inv, info = torch.linalg.inv_ex(matrix)
-        sign, logabsdet = torch.linalg.slogdet(matrix)
-        cond = torch.linalg.matrix_norm(matrix, 1) * torch.linalg.matrix_norm(inv, 1)
-        worst = float(torch.where(torch.isfinite(cond), cond, math.inf).amax())
-        if bool((info != 0).any()) or bool((sign == 0).any()) or not math.isfinite(worst):
-            raise SingularMatrixError(
-                f"{self.where} is singular; Invertible needs an invertible matrix"
-            )
-        if worst > self.max_condition:
-            raise SingularMatrixError(
-                f"{self.where} is numerically singular (1-norm condition number {worst:.2e} > "
-                f"max_condition={self.max_condition:.1e}); start from a better-conditioned matrix"
-            )
-        return inv, sign, logabsdet
+        return square.check_invertible(matrix, self.where, self.max_condition)
 
     def _init_state(
         self, value: Tensor, matrix: Tensor, inv: Tensor, sign: Tensor, logabsdet: Tensor
@@ -288,64 +255,6 @@ class Invertible(Perturbation):
             return self.precise_base
         base = self.base
         return base.reshape(self.inv.shape) if self._conv else base
-
-    # ------------------------------------------------------------ user methods
-    def logabsdet(self) -> Tensor:
-        r""":math:`\log|\det W|` of the current matrix :math:`W`, differentiable; shape (*)."""
-        return self.rule.logabsdet()
-
-    def sign(self) -> Tensor:
-        r"""Sign of :math:`\det W` (``+1.`` or ``-1.``), shape (*)."""
-        with torch.no_grad():
-            if self.update == "factored":
-                u, v = self.rule.factors()
-                return linalg.lemma_slogdet(self.inv, u, v, self.sign_base, self.logabsdet_base)[0]
-            if not bool(self.delta.any()):
-                return self.sign_base.clone()
-            return torch.linalg.slogdet(self._matrix() + self.rule.pending())[0]
-
-    def inverse(self) -> Tensor:
-        r""":math:`W^{-1}`, differentiable; shape (*, n, n), bookkeeping dtype."""
-        return self.rule.inverse()
-
-    def solve(self, y: Tensor) -> Tensor:
-        r"""Apply :math:`W^{-1}` to every vector ``y[..., n]`` without forming it.
-
-        Computed in ``y``'s dtype; differentiable. Cost :math:`O(Bn^2)` for ``B`` vectors.
-        For a stack ``(*, n, n)``, ``y`` has shape ``(..., *, n)``.
-        """
-        n = self.inv.shape[-1]
-        stack = self.inv.shape[:-2]
-        if not isinstance(y, Tensor) or not y.is_floating_point():
-            raise P4TypeError(f"y must be a floating-point tensor, got {describe(y)}")
-        if y.ndim < 1 + len(stack) or y.shape[y.ndim - 1 - len(stack):] != (*stack, n):
-            want = ", ".join(str(d) for d in (*stack, n))
-            raise ShapeError(f"y must have shape (..., {want}) for {self.where}, got {describe(y)}")
-        if stack:
-            return (self.inverse().to(y.dtype) @ y.unsqueeze(-1)).squeeze(-1)
-        return self.rule.solve(y)
-
-    def _inverse_transposed(self, dtype: torch.dtype) -> Tensor:
-        """Contiguous :math:`A^{-T}` in ``dtype``, cached until the bookkeeping changes."""
-        key = (dtype, self.inv.device, self.inv.data_ptr())
-        version = self.inv._version
-        hit = self._cast_cache.get(key)
-        if hit is None or hit[0] != version:
-            hit = (version, self.inv.mT.to(dtype).contiguous())
-            self._cast_cache.clear()
-            self._cast_cache[key] = hit
-        return hit[1]
-
-    def logdet_penalty(self, margin: float = 0.5) -> Tensor:
-        r"""Soft penalty keeping the pending update's :math:`\log|\det C|` inside the bounds.
-
-        Zero while the update is ``margin`` inside the bounds; add it (scaled) to the loss.
-        """
-        cap_logabsdet = self.logabsdet() - self.logabsdet_base
-        lo, hi = self.update_logdet_bounds
-        below = torch.relu(lo + margin - cap_logabsdet) if math.isfinite(lo) else 0
-        above = torch.relu(cap_logabsdet - hi + margin) if math.isfinite(hi) else 0
-        return below**2 + above**2
 
     # ------------------------------------------------------------------ merging
     def propose(self) -> Proposal:

@@ -1,0 +1,95 @@
+"""User queries of a tracked inverse and log-determinant, shared by the invertible families."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from p4opt import linalg
+from p4opt._typing import Tensor
+from p4opt.errors import P4TypeError, ShapeError, describe
+
+if TYPE_CHECKING:
+    from p4opt.families.invertible_updates import UpdateRule
+
+__all__ = ["TrackedInverse"]
+
+
+class TrackedInverse:
+    """Queries on the current matrix :math:`W` of a family keeping :math:`A^{-1}` and log|det A|.
+
+    The family provides ``rule`` (an :class:`~p4opt.families.invertible_updates.UpdateRule`),
+    the buffers ``inv``, ``sign_base``, ``logabsdet_base``, ``update``, ``where`` and
+    ``update_logdet_bounds``, and ``_matrix()``.
+    """
+
+    rule: UpdateRule
+    inv: Tensor
+    sign_base: Tensor
+    logabsdet_base: Tensor
+    update: str
+    where: str
+    update_logdet_bounds: tuple[float, float]
+    _cast_cache: dict[Any, tuple[int, Tensor]]
+
+    def _matrix(self) -> Tensor:
+        raise NotImplementedError
+
+    def logabsdet(self) -> Tensor:
+        r""":math:`\log|\det W|` of the current matrix :math:`W`, differentiable; shape (*)."""
+        return self.rule.logabsdet()
+
+    def sign(self) -> Tensor:
+        r"""Sign of :math:`\det W` (``+1.`` or ``-1.``), shape (*)."""
+        with torch.no_grad():
+            if self.update == "factored":
+                u, v = self.rule.factors()
+                return linalg.lemma_slogdet(self.inv, u, v, self.sign_base, self.logabsdet_base)[0]
+            if not bool(self.delta.any()):
+                return self.sign_base.clone()
+            return torch.linalg.slogdet(self._matrix() + self.rule.pending())[0]
+
+    def inverse(self) -> Tensor:
+        r""":math:`W^{-1}`, differentiable; shape (*, n, n), bookkeeping dtype."""
+        return self.rule.inverse()
+
+    def solve(self, y: Tensor) -> Tensor:
+        r"""Apply :math:`W^{-1}` to every vector ``y[..., n]`` without forming it.
+
+        Computed in ``y``'s dtype; differentiable. Cost :math:`O(Bn^2)` for ``B`` vectors.
+        For a stack ``(*, n, n)``, ``y`` has shape ``(..., *, n)``.
+        """
+        n = self.inv.shape[-1]
+        stack = self.inv.shape[:-2]
+        if not isinstance(y, Tensor) or not y.is_floating_point():
+            raise P4TypeError(f"y must be a floating-point tensor, got {describe(y)}")
+        if y.ndim < 1 + len(stack) or y.shape[y.ndim - 1 - len(stack):] != (*stack, n):
+            want = ", ".join(str(d) for d in (*stack, n))
+            raise ShapeError(f"y must have shape (..., {want}) for {self.where}, got {describe(y)}")
+        if stack:
+            return (self.inverse().to(y.dtype) @ y.unsqueeze(-1)).squeeze(-1)
+        return self.rule.solve(y)
+
+    def _inverse_transposed(self, dtype: torch.dtype) -> Tensor:
+        """Contiguous :math:`A^{-T}` in ``dtype``, cached until the bookkeeping changes."""
+        key = (dtype, self.inv.device, self.inv.data_ptr())
+        version = self.inv._version
+        hit = self._cast_cache.get(key)
+        if hit is None or hit[0] != version:
+            hit = (version, self.inv.mT.to(dtype).contiguous())
+            self._cast_cache.clear()
+            self._cast_cache[key] = hit
+        return hit[1]
+
+    def logdet_penalty(self, margin: float = 0.5) -> Tensor:
+        r"""Soft penalty keeping the pending update's :math:`\log|\det C|` inside the bounds.
+
+        Zero while the update is ``margin`` inside the bounds; add it (scaled) to the loss.
+        """
+        cap_logabsdet = self.logabsdet() - self.logabsdet_base
+        lo, hi = self.update_logdet_bounds
+        below = torch.relu(lo + margin - cap_logabsdet) if math.isfinite(lo) else 0
+        above = torch.relu(cap_logabsdet - hi + margin) if math.isfinite(hi) else 0
+        return below**2 + above**2
