@@ -200,7 +200,9 @@ def test_warns_when_optimizer_was_built_before_register():
     lin = torch.nn.Linear(4, 4)
     adam = torch.optim.Adam(lin.parameters())
     p4opt.register(lin, "weight", p4opt.Invertible())
-    with pytest.warns(UserWarning, match="after p4opt.register"):
+    with pytest.warns(UserWarning, match="after p4opt.register"), pytest.warns(
+        UserWarning, match="found no p4opt perturbation"
+    ):
         p4opt.P4Optimizer(adam)
 
 
