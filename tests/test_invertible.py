@@ -259,3 +259,45 @@ def test_gradient_restart_aligns_v_with_its_last_gradient():
     assert residual.abs().max() < 1e-10 * grad.abs().max()
     with pytest.raises(ValueError, match="restart"):
         p4opt.Invertible(restart="sideways")
+
+
+@pytest.mark.parametrize("n", [16, 32])
+def test_defaults_reach_the_gaussian_likelihood_target_like_a_dense_weight(n):
+    # seeded regression of the learning speed: dense Adam needs about 80 steps here
+    from p4opt.studies.tasks import GaussianML
+
+    task = GaussianML(n, seed=0, dtype=torch.float64)
+    holder = torch.nn.Module()
+    holder.weight = torch.nn.Parameter(task.initial().clone())
+    pert = p4opt.register(holder, "weight", p4opt.Invertible(seed=0))
+    opt = p4opt.P4Optimizer(torch.optim.Adam(holder.parameters(), lr=3e-2))
+    for step in range(120):
+        loss = task.objective(holder.weight, pert.logabsdet())
+        if task.relative(float(loss.detach())) < 1e-4:
+            break
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert task.relative(float(loss.detach())) < 1e-4, step
+    assert pert.validate().ok
+
+
+def test_bookkeeping_stays_exact_over_ten_thousand_partial_merges():
+    # a stack of 10 matrices merged 1000 times: 10^4 partial merges, element by element
+    holder = torch.nn.Module()
+    holder.weight = torch.nn.Parameter(random_invertible(6, batch=(10,)))
+    bounds = (-0.05, 0.05)
+    pert = p4opt.register(
+        holder, "weight", p4opt.Invertible(update="factored", rank=2, update_logdet_bounds=bounds)
+    )
+    g = torch.Generator().manual_seed(3)
+    partial = 0
+    for _ in range(1_000):
+        with torch.no_grad():  # a large random update: every merge is cut back
+            pert.U.copy_(0.5 * torch.randn(pert.U.shape, generator=g, dtype=torch.float64))
+            pert.V.copy_(torch.randn(pert.V.shape, generator=g, dtype=torch.float64))
+            pert.U.sub_(0.02 * pert.base @ pert.V)  # a pull back keeps the matrices tame
+        partial += pert.merge().partial
+    report = pert.validate()
+    assert partial > 9_000 and report.ok, report
+    assert report.figures["inverse_error"] < 1e-6 and report.figures["logabsdet_error"] < 1e-6
