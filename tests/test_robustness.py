@@ -1,4 +1,4 @@
-"""Real training jobs: data parallelism, dtype moves, meta init, LBFGS, averaging, hooks, bad input."""
+"""Real training jobs: data parallelism, dtype moves, meta init, LBFGS, averaging, hooks, input."""
 
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ FAMILIES = {
 }
 
 
-def _layer(family: str, dtype: torch.dtype = torch.float64) -> tuple[torch.nn.Linear, p4opt.Perturbation]:
+def _layer(
+    family: str, dtype: torch.dtype = torch.float64
+) -> tuple[torch.nn.Linear, p4opt.Perturbation]:
     torch.manual_seed(0)
     lin = torch.nn.Linear(N, N, dtype=dtype)
     with torch.no_grad():
