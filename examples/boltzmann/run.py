@@ -43,8 +43,8 @@ PRESETS = {
                     kl=PhaseConfig("kl", steps=200, batch=256, lr=1e-4, ml_weight=1.0),
                     samples=5000),
     "full": dict(data=D.FULL, model=ModelConfig(layers=8, hidden=64),
-                 ml=PhaseConfig("ml", steps=4000, batch=256, lr=1e-3),
-                 kl=PhaseConfig("kl", steps=200, batch=256, lr=1e-4, ml_weight=1.0),
+                 ml=PhaseConfig("ml", steps=10000, batch=256, lr=1e-3),
+                 kl=PhaseConfig("kl", steps=400, batch=256, lr=1e-4, ml_weight=1.0),
                  samples=5000),
 }
 
