@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
         arrays = dict(f)
     for stage in ("ml", "kl"):
         us = {k.split("/", 2)[2]: v for k, v in arrays.items() if k.startswith(f"{stage}/u/")}
-        xs = {k.split("/", 2)[2]: v for k, v in arrays.items() if k.startswith(f"{stage}/x/")}
+        xs = {k.split("/", 2)[2]: v for k, v in arrays.items()
+              if k.startswith(f"{stage}/x/") and not k.endswith("nm")}
         if us:
             u_max = float(arrays["train_max_energy"])
             plot_energies(us, u_max, args.run_dir / f"energies_{stage}.png")
