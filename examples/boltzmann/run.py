@@ -73,7 +73,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-root", type=Path, default=D.RESULTS, help="where MD data is cached")
     p.add_argument("--with-zuko", action="store_true",
                    help="also train zuko's RealNVP of the same size (pip install zuko)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the models and their training")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the MD data")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     return p.parse_args(argv)
 
@@ -91,7 +92,7 @@ def configure(args: argparse.Namespace) -> dict:
         if phase == "kl" and args.kl_ml_weight is not None:
             over["ml_weight"] = args.kl_ml_weight
         cfg[phase] = replace(cfg[phase], **{k: v for k, v in over.items() if v is not None})
-    data_over = {"seed": args.seed} | ({"frames": args.frames} if args.frames else {})
+    data_over = {"seed": args.data_seed} | ({"frames": args.frames} if args.frames else {})
     cfg["data"] = replace(cfg["data"], **data_over)
     if args.samples:
         cfg["samples"] = args.samples
