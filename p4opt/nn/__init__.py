@@ -13,6 +13,7 @@ from p4opt.nn.conv import InvertibleConv1x1
 from p4opt.nn.coupling import AffineCoupling, realnvp, realnvp_with_params
 from p4opt.nn.distributions import BijectionTransform, flow_distribution
 from p4opt.nn.linear import InvertibleLinear, random_orthogonal
+from p4opt.nn.mixing import P4InvMixing, Permutation, swap_permutation
 from p4opt.nn.stack import InvertibleLinearStack
 
 __all__ = [
@@ -26,6 +27,9 @@ __all__ = [
     "AffineCoupling",
     "realnvp",
     "realnvp_with_params",
+    "Permutation",
+    "P4InvMixing",
+    "swap_permutation",
     "BijectionTransform",
     "flow_distribution",
     "random_orthogonal",
