@@ -156,7 +156,9 @@ def run(args: argparse.Namespace) -> dict:
         figures, arr = evaluate(models, x_train, x_test, energy, cfg["samples"], args.seed)
         figures["median_step_time_ratio_vs_rnvp"] = {
             k: v / step_time["rnvp"] for k, v in step_time.items()}
-        figures["merges"] = {k: dict(t.opt.stats) for k, t in trainers.items()}
+        figures["merges"] = {
+            k: dict(t.opt.stats) for k, t in trainers.items() if hasattr(t.opt, "stats")
+        }
         report[phase] = figures
         arrays |= {f"{phase}/{k}": v for k, v in arr.items()}
         us = {k.split("/", 1)[1]: v for k, v in arr.items() if k.startswith("u/")}

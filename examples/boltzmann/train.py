@@ -71,7 +71,9 @@ class Trainer:
         self.model, self.cfg, self.features, self.energy = model, cfg, features, energy
         params = [p for p in model.flow.parameters() if p.requires_grad]
         kwargs = {} if cfg.merge_every is None else {"merge_every": cfg.merge_every}
-        self.opt = p4opt.P4Optimizer(torch.optim.Adam(params, lr=cfg.lr), **kwargs)
+        adam = torch.optim.Adam(params, lr=cfg.lr)
+        has_p4 = any(True for _ in p4opt.perturbations(model.flow))
+        self.opt = p4opt.P4Optimizer(adam, **kwargs) if has_p4 else adam
         self.gen = torch.Generator().manual_seed(seed)
         self.step_count = 0
         self.times: list[float] = []
