@@ -1,0 +1,114 @@
+"""Steps and wall time to a Gaussian-likelihood target: P⁴Inv (library) against a dense weight.
+
+Methods, all with Adam (the P⁴Inv ones through ``p4opt.P4Optimizer``):
+``dense`` (a plain weight and ``torch.linalg.slogdet``), ``p4inv`` (``p4opt.Invertible()`` at the
+library defaults), ``lowmem`` (``Invertible(update="factored", rank=n // 4,
+restart="gradient")``) and ``p4inv-r1-0.1`` (0.1.0's default: ``update="factored", rank=1``).
+Each method takes the learning rate of the grid with the fewest median steps to the relative
+target 1e-4 over the seeds; the step cost of every method is timed side by side (interleaved,
+one thread) and time to target = steps × step cost.
+
+Examples
+--------
+python benchmarks/invertible_speed.py --n 256 --seeds 3
+python benchmarks/invertible_speed.py --n 1024 --seeds 1 --cap 300 --lrs 1e-2 3e-2 \\
+    --methods dense p4inv
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Callable
+
+import torch
+
+import p4opt
+from p4opt.studies.tasks import GaussianML
+from p4opt.studies.timing import interleaved_median
+
+OPTIONS = {
+    "p4inv": lambda n: {},
+    "lowmem": lambda n: {"update": "factored", "rank": max(1, n // 4), "restart": "gradient"},
+    "p4inv-r1-0.1": lambda n: {"update": "factored", "rank": 1},
+}
+
+
+def build(
+    method: str, task: GaussianML, lr: float, seed: int
+) -> tuple[Callable, torch.optim.Optimizer]:
+    """The loss closure and the optimizer of one method on one task."""
+    torch.manual_seed(seed)
+    if method == "dense":
+        w = torch.nn.Parameter(task.initial().clone())
+        return (lambda: task.objective(w, torch.linalg.slogdet(w)[1])), torch.optim.Adam([w], lr=lr)
+    holder = torch.nn.Module()
+    holder.weight = torch.nn.Parameter(task.initial().clone())
+    pert = p4opt.register(holder, "weight", p4opt.Invertible(seed=seed, **OPTIONS[method](task.n)))
+    opt = p4opt.P4Optimizer(torch.optim.Adam(holder.parameters(), lr=lr))
+    return (lambda: task.objective(holder.weight, pert.logabsdet().to(task.dtype))), opt
+
+
+def steps_to_target(method: str, n: int, lr: float, seed: int, cap: int) -> int | None:
+    task = GaussianML(n, seed=seed)
+    loss_fn, opt = build(method, task, lr, seed)
+    for step in range(cap):
+        loss = loss_fn()
+        if task.relative(float(loss.detach())) < 1e-4:
+            return step
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return None
+
+
+def step_costs(methods: list[str], n: int) -> dict[str, float]:
+    task = GaussianML(n, seed=0)
+    steps = {}
+    for method in methods:
+        loss_fn, opt = build(method, task, 1e-3, 0)
+
+        def step(loss_fn: Callable = loss_fn, opt: torch.optim.Optimizer = opt) -> None:
+            loss_fn().backward()
+            opt.step()
+            opt.zero_grad()
+
+        steps[method] = step
+    return interleaved_median(steps, calls=3, repeats=9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=256, help="matrix size (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds (default: %(default)s)")
+    parser.add_argument("--cap", type=int, default=400, help="step cap (default: %(default)s)")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-2, 3e-2, 1e-1],
+                        help="learning-rate grid (default: %(default)s)")
+    parser.add_argument("--methods", nargs="+", default=["dense", "p4inv", "lowmem"],
+                        help="methods; dense must be one (default: %(default)s)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    best: dict[str, tuple[float, float]] = {}
+    for method in args.methods:
+        for lr in args.lrs:
+            runs = [steps_to_target(method, args.n, lr, s, args.cap) for s in range(args.seeds)]
+            median = statistics.median(r if r is not None else float("inf") for r in runs)
+            print(f"n={args.n} {method} lr={lr:g} steps={runs}", flush=True)
+            if method not in best or median < best[method][1]:
+                best[method] = (lr, median)
+    cost = step_costs(args.methods, args.n)
+    dense_steps, dense_cost = best["dense"][1], cost["dense"]
+    print("\n| n | method | best lr | median steps | steps/dense | step cost/dense | time/dense |")
+    print("|---|---|---|---|---|---|---|")
+    for method in args.methods:
+        lr, steps = best[method]
+        ratio = cost[method] / dense_cost
+        if steps == float("inf"):
+            print(f"| {args.n} | {method} | - | - | - | {ratio:.2f} | - |")
+            continue
+        print(f"| {args.n} | {method} | {lr:g} | {steps:g} | {steps / dense_steps:.2f} | "
+              f"{ratio:.2f} | {steps * ratio / dense_steps:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
