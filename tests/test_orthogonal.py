@@ -290,7 +290,8 @@ def test_merge_restarts_pairs_along_their_travel():
     for i in range(2):
         cos = torch.dot(v[:, 2 * i], travel[:, i]) / (v[:, 2 * i].norm() * travel[:, i].norm())
         assert abs(float(cos) - 1) < 1e-12
-        assert abs(float(v[:, 2 * i].norm()) - n**0.5) < 1e-12
+        length = 0.5 * (moved[:, 2 * i].norm() + moved[:, 2 * i + 1].norm())  # kept, not reset
+        assert abs(float(v[:, 2 * i].norm() - length)) < 1e-12
     assert float(torch.linalg.vector_norm(v[:, 4] - moved[:, 4])) > 0.1
 
 
@@ -308,3 +309,64 @@ def test_householder_backward_matches_autograd_of_the_explicit_product():
         dense = dense @ (torch.eye(7, dtype=F64) - 2 * torch.outer(col, col) / col.dot(col))
     ((x @ dense) * c).sum().backward()
     assert (gx - x.grad).abs().max() < 1e-12 and (gw - w.grad).abs().max() < 1e-12
+
+
+def test_autocast_bfloat16_runs_forward_and_backward():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8)
+    pert = p4opt.register(lin, "weight", p4opt.Orthogonal(rank=4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(torch.randn(3, 8))
+        y.float().square().sum().backward()
+    assert y.dtype == torch.bfloat16 and float(pert.vectors.grad.abs().sum()) > 0
+    assert pert.validate().ok
+
+
+def test_torch_func_grad_matches_autograd():
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 6, dtype=F64)
+    pert = p4opt.register(lin, "weight", p4opt.Orthogonal(rank=4))
+    params = dict(lin.named_parameters())
+    x = torch.randn(4, 6, dtype=F64)
+
+    def loss(p: dict) -> torch.Tensor:
+        return functional_call(lin, p, (x,)).square().sum()
+
+    via_func = grad(loss)(params)["parametrizations.weight.0.vectors"]
+    loss(params).backward()
+    assert (via_func - pert.vectors.grad).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("method", ["householder", "givens"])
+def test_one_by_one_weights_are_plus_or_minus_one(method):
+    lin = torch.nn.Linear(1, 1, bias=False, dtype=F64)
+    with torch.no_grad():
+        lin.weight.fill_(-0.3)
+    pert = p4opt.register(lin, "weight", p4opt.Orthogonal(method, group="O"))
+    assert float(lin.weight) == -1.0
+    opt = p4opt.P4Optimizer(torch.optim.Adam(lin.parameters(), lr=0.1))
+    for _ in range(8):
+        lin(torch.ones(1, 1, dtype=F64)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert float(lin.weight.detach().abs()) == 1.0 and pert.validate().ok
+
+
+def test_large_learning_rates_converge_with_merges():
+    # Adam(lr=1, amsgrad=True), as in geoopt's Stiefel tests; restarts keep the pairs' length
+    torch.manual_seed(0)
+    target = torch.linalg.qr(torch.randn(10, 10, dtype=F64))[0]
+    if torch.linalg.det(target) < 0:
+        target[:, 0] *= -1
+    lin = torch.nn.Linear(10, 10, bias=False, dtype=F64)
+    pert = p4opt.register(lin, "weight", p4opt.Orthogonal(seed=0))
+    opt = p4opt.P4Optimizer(torch.optim.Adam(lin.parameters(), lr=1.0, amsgrad=True))
+    first = float((lin.weight - target).square().sum().detach())
+    for _ in range(300):
+        loss = (lin.weight - target).square().sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert float(loss.detach()) < 1e-4 * first and pert.validate().ok

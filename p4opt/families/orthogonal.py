@@ -111,8 +111,6 @@ class Orthogonal(Perturbation):
                 f"Orthogonal needs a square matrix, but {self.where} is a {describe(value)}"
             )
         n = value.shape[0]
-        if n < 2:
-            raise ShapeError(f"Orthogonal needs n >= 2, but {self.where} is a {describe(value)}")
         self.strategy.create(value, n)
         self.identity()
         if value.device.type == "meta":  # shapes only; the values arrive by load_state_dict

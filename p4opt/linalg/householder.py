@@ -128,7 +128,17 @@ def householder_apply(x: Tensor, w: Tensor) -> Tensor:
     """
     if x.ndim != 2:
         return householder_apply(x.reshape(-1, x.shape[-1]), w).reshape(x.shape)
-    return _HouseholderApply.apply(x, w, _wy_mask(w.shape[-1], w.dtype, w.device))
+    low = x.dtype in _LOW or w.dtype in _LOW
+    if low or torch.is_autocast_enabled(x.device.type):
+        # the triangular solve has no half-precision kernels: run the product in float32
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x32, w32 = (x.float(), w.float()) if low else (x, w)
+            out = _HouseholderApply.apply(x32, w32, _wy_mask(w32.shape[-1], w32.dtype, w.device))[0]
+        return out.to(x.dtype)
+    return _HouseholderApply.apply(x, w, _wy_mask(w.shape[-1], w.dtype, w.device))[0]
+
+
+_LOW = (torch.float16, torch.bfloat16)
 
 
 class _HouseholderApply(torch.autograd.Function):
@@ -143,15 +153,23 @@ class _HouseholderApply(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, w: Tensor, mask: Tensor) -> Tensor:
-        s = (w.mT @ w).mul_(mask)
+    def forward(x: Tensor, w: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        s = (w.mT @ w) * mask
         z = torch.linalg.solve_triangular(s, x @ w, upper=True, left=False)
+        return torch.addmm(x, z, w.mT, alpha=-1), s, z
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: tuple[Tensor, ...]) -> None:
+        x, w, mask = inputs
+        _, s, z = output
+        ctx.mark_non_differentiable(s, z)
         ctx.save_for_backward(x, w, mask, s, z)
-        return torch.addmm(x, z, w.mT, alpha=-1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    def backward(
+        ctx: Any, grad: Tensor, _grad_s: Tensor, _grad_z: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, None]:
         x, w, mask, s, z = ctx.saved_tensors
         p = torch.linalg.solve_triangular(s.mT, grad @ w, upper=False, left=False)
         grad_x = torch.addmm(grad, p, w.mT, alpha=-1) if ctx.needs_input_grad[0] else None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -36,8 +34,9 @@ class Householder(Rotation):
     compact WY form (one triangular solve): :math:`O(Bnk)` for ``B`` vectors.
 
     After a merge each pair :math:`(a_i, b_i)` restarts at :math:`(v_i, v_i)` with
-    :math:`v_i` along its direction of travel :math:`b_i - a_i`, scaled to the norm of a fresh
-    draw; pairs that did not move are redrawn.
+    :math:`v_i` along its direction of travel :math:`b_i - a_i` and the pair's current length
+    (so the scale of the optimizer's steps keeps its meaning); pairs that did not move are
+    redrawn.
 
     References
     ----------
@@ -71,7 +70,9 @@ class Householder(Rotation):
         n, k = pert.vectors.shape
         pairs = pert.vectors.to(torch.float64).unflatten(1, (k // 2, 2))
         travel = pairs[:, :, 1] - pairs[:, :, 0]
-        scale = pert.init_scale * math.sqrt(n)
+        # keep each pair's current length: the optimizer's steps were sized for it (a reset to
+        # the initial length would turn the planes by ~1 radian per step at large learning rates)
+        scale = pairs.norm(dim=0).mean(-1)
         norms = travel.norm(dim=0)
         still = norms < 1e-3 * scale
         anchors = travel * (scale / norms.clamp_min(1e-300))
