@@ -233,3 +233,19 @@ def test_a_linear_structure_merge_removes_injected_drift(make):
     result = pert.merge()
     assert result.figures["drift_removed"] > 1e-6
     assert pert.residual() < 1e-12 and pert.validate().ok
+
+
+# ------------------------------------------------------------- found by the bad-input campaign
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_low_precision_non_orthogonal_start_is_projected(dtype):
+    lin = torch.nn.Linear(4, 4, bias=False, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(2 * torch.eye(4))  # orthogonality error 3 > 100 n eps of bfloat16
+    pert = p4opt.register(lin, "weight", p4opt.Orthogonal("givens"))
+    assert pert.validate().figures["orthogonality_error"] < 1e-2
+
+
+def test_a_structure_without_freedom_raises_a_p4_error():
+    mask = torch.zeros(2, 2, dtype=torch.bool)
+    with pytest.raises(p4opt.P4ValueError, match="fixes every entry"):
+        p4opt.register(torch.nn.Linear(2, 2), "weight", p4opt.Fixed(mask))

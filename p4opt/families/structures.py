@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from p4opt._typing import Tensor
-from p4opt.exceptions import ShapeError, describe
+from p4opt.exceptions import P4ValueError, ShapeError, describe
 from p4opt.families.affine import AffineSpace, sum_complement
 from p4opt.families.linear import LinearStructure
 
@@ -27,8 +27,10 @@ def _normalize(dim: int, ndim: int, where: str) -> int:
     return dim % ndim
 
 
-def _no_freedom(where: str, why: str) -> ValueError:
-    return ValueError(f"the structure fixes every entry of {where} ({why}): nothing left to train")
+def _no_freedom(where: str, why: str) -> P4ValueError:
+    return P4ValueError(
+        f"the structure fixes every entry of {where} ({why}): nothing left to train"
+    )
 
 
 class _SymmetricSpace(AffineSpace):
