@@ -76,7 +76,7 @@ def _worker(rank: int, world: int, init: str, out: str, steps: int, n: int, ever
         state[f"counter.{key}"] = torch.tensor(value)
     for name, pert in p4opt.perturbations(model):
         state[f"validate.{name}"] = torch.tensor(pert.validate().ok)
-        state[f"counter.{name}.merges"] = torch.tensor(pert.merges)
+        state[f"counter.{name}.merges"] = torch.as_tensor(pert.merges).clone()
     torch.save(state, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
