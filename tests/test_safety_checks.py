@@ -249,3 +249,18 @@ def test_a_structure_without_freedom_raises_a_p4_error():
     mask = torch.zeros(2, 2, dtype=torch.bool)
     with pytest.raises(p4opt.P4ValueError, match="fixes every entry"):
         p4opt.register(torch.nn.Linear(2, 2), "weight", p4opt.Fixed(mask))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: p4opt.ZeroSum(dim=0, value=1.0),
+    lambda: p4opt.LinearStructure(
+        torch.randn(2, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
+        torch.zeros(2, dtype=torch.float64),
+    ),
+])
+def test_a_linear_structure_moved_to_float64_passes_float64_validation(make):
+    lin = torch.nn.Linear(4, 4, bias=False)
+    pert = p4opt.register(lin, "weight", make())
+    lin.double()
+    report = pert.validate()
+    assert report.ok and report.figures["residual"] < 1e-12
