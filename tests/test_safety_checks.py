@@ -142,6 +142,27 @@ def test_an_update_that_no_step_can_fit_is_rejected_and_leaves_the_base_bit_iden
     assert torch.equal(lin.parametrizations.weight.original, base) and torch.equal(pert.inv, inv)
 
 
+@pytest.mark.parametrize("bounds", [(-2.0, 2.0), (-math.inf, math.inf)])
+def test_a_singular_update_is_cut_back_to_the_largest_non_singular_step(bounds):
+    pert = p4opt.Invertible(update="factored", rank=1, update_logdet_bounds=bounds, seed=0)
+    lin, pert = _identity_layer(pert)
+    _set_factors(pert, [-1.0])  # C = 0 at t = 1, C = 1 - t below
+    result = pert.merge()
+    assert result.reason == Reason.SINGULAR_UPDATE and result.partial == 1
+    assert result.scale == pytest.approx(2**-0.5, rel=1e-12)
+    assert _base_logdet(lin) == pytest.approx(math.log1p(-(2**-0.5)), abs=1e-12)
+
+
+def test_an_update_that_fits_only_below_the_last_grid_point_is_rejected():
+    pert = p4opt.Invertible(update="factored", rank=1, update_logdet_bounds=(-1.0, 1.0), seed=0)
+    lin, pert = _identity_layer(pert)
+    d = (math.e - 1) * 2**12 * 0.99  # log(1 + t d) <= 1 only for t < 2^-12 (grid ends at 2^-11.5)
+    _set_factors(pert, [d])
+    result = pert.merge()
+    assert result.rejected == 1 and result.scale == 0.0
+    assert _base_logdet(lin) == 0.0
+
+
 def test_projected_updates_obey_the_same_bounds():
     pert = p4opt.Invertible(rank=N, update_logdet_bounds=(-1.0, 1.0), seed=0)
     lin, pert = _identity_layer(pert)
