@@ -163,6 +163,45 @@ def test_an_update_that_fits_only_below_the_last_grid_point_is_rejected():
     assert _base_logdet(lin) == 0.0
 
 
+def test_an_update_that_would_overflow_the_float32_layer_is_rejected_as_non_finite():
+    pert = p4opt.Invertible(update="factored", rank=1, update_logdet_bounds=(-math.inf, math.inf))
+    lin, pert = _identity_layer(pert, dtype=torch.float32)
+    base = lin.parametrizations.weight.original.clone()
+    with torch.no_grad():
+        pert.U.zero_()
+        pert.V.zero_()
+        pert.U[1, 0], pert.V[0, 0] = 1e39**0.5, 1e39**0.5  # C = 1, but A + UV^T overflows
+    result = pert.merge()
+    assert result.reason == Reason.NON_FINITE_RESULT and result.rejected == 1
+    assert torch.equal(lin.parametrizations.weight.original, base)
+
+
+def test_the_check_codes_are_int64_reason_positions():
+    from p4opt._lowrank_merge import low_rank_check
+
+    eye = torch.eye(3, dtype=torch.float64).repeat(2, 1, 1)
+    u = torch.zeros(2, 3, 1, dtype=torch.float64)
+    v = torch.zeros(2, 3, 1, dtype=torch.float64)
+    u[1, 0, 0], v[1, 0, 0] = -1.0, 1.0  # element 1 singular
+    check = low_rank_check(eye, eye, torch.zeros(2, dtype=torch.float64), u, v)
+    assert check.codes.dtype == torch.int64
+    assert check.codes.tolist() == [0, Reason.SINGULAR_UPDATE.code]
+
+
+def test_a_non_finite_element_of_a_nested_stack_is_rejected_alone():
+    holder = torch.nn.Module()
+    holder.weight = torch.nn.Parameter(torch.eye(N, dtype=torch.float64).repeat(2, 3, 1, 1))
+    pert = p4opt.register(holder, "weight", p4opt.Invertible(update="factored", rank=1))
+    with torch.no_grad():
+        pert.U.fill_(0.01)
+        pert.U[1, 2, 0, 0] = math.nan
+    base = holder.parametrizations.weight.original.clone()
+    result = pert.merge()
+    assert (result.folded, result.rejected) == (5, 1)
+    after = holder.parametrizations.weight.original
+    assert torch.equal(after[1, 2], base[1, 2]) and not torch.equal(after[0, 0], base[0, 0])
+
+
 def test_projected_updates_obey_the_same_bounds():
     pert = p4opt.Invertible(rank=N, update_logdet_bounds=(-1.0, 1.0), seed=0)
     lin, pert = _identity_layer(pert)
