@@ -7,7 +7,7 @@ printed together with the merges accepted, cut back (partial) and rejected so fa
 passes when every check is inside the goal (inverse and log|det| errors <= 1e-6 for Invertible,
 orthogonality error <= 1e-6 for Orthogonal (of the weight the layer computes, ``validate()``;
 the stored base's own error is printed beside it), the report of ``validate()`` for the linear
-structures) and the last check is no worse than ten times the first (no drift trend).
+structures) and the last check is no worse than ten times the first or 1e-11 (no drift trend).
 
     python benchmarks/soak.py                                     # 10^4 steps, every family
     python benchmarks/soak.py --steps 100000 --family invertible  # the full soak of one family
@@ -90,7 +90,7 @@ def soak(family: str, steps: int, n: int = 64, lr: float = 1e-3, checks: int = 1
     watched = [k for k in rows[0] if k.endswith("_error") or k == "residual"]
     first = {k: rows[0][k] for k in watched}
     last = {k: rows[-1][k] for k in watched}
-    no_trend = all(last[k] <= 10 * max(first[k], 1e-15) for k in watched)
+    no_trend = all(last[k] <= 10 * max(first[k], 1e-12) for k in watched)  # 1e-12: rounding
     return {
         "family": family,
         "steps": steps,
