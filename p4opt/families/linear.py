@@ -173,6 +173,14 @@ class LinearStructure(Perturbation):
         return Proposal(candidate=candidate, figures={"drift_removed": drift})
 
     @torch.no_grad()
+    def dtype_changed(self, old: torch.dtype, new: torch.dtype) -> None:
+        """A more precise layer dtype: re-project the base so the new tolerance holds at once."""
+        if torch.finfo(new).eps < torch.finfo(old).eps:
+            space = self._space()
+            projected = space.project(self.base.to(torch.float64)).to(self.base.dtype)
+            self.base.copy_(space.finish(projected))
+
+    @torch.no_grad()
     def validate(self) -> ValidationReport:
         r"""Residual :math:`\lVert C\,\mathrm{vec}(R_z(\theta)) - d\rVert_{\max}` now.
 
@@ -183,7 +191,7 @@ class LinearStructure(Perturbation):
         at least 1). Cost: one residual evaluation (:math:`O(p)` for presets).
         """
         space = self._space()
-        current = self.apply(self.base)
+        current = self.current()
         scale = max(1.0, float(current.abs().max()))
         tol = RESIDUAL_TOLERANCE.get(current.dtype, 1e-3) * scale * space.tolerance_scale
         figures = {
@@ -197,7 +205,7 @@ class LinearStructure(Perturbation):
     def residual(self) -> float:
         """Residual of the current tensor (see :meth:`validate`)."""
         with torch.no_grad():
-            return float(self._space().residual(self.apply(self.base).to(torch.float64)))
+            return float(self._space().residual(self.current().to(torch.float64)))
 
     def extra_repr(self) -> str:
         k = "?" if self.space is None else self.space.dim

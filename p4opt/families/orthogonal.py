@@ -117,7 +117,7 @@ class Orthogonal(Perturbation):
             return value
         matrix = value.detach().to(torch.float64)
         special = self.group == "SO"
-        tol = 100 * n * torch.finfo(value.dtype).eps
+        tol = min(100 * n * torch.finfo(value.dtype).eps, 1e-3)  # bfloat16: 100 n eps > 1
         if float(rotations.orthogonality_error(matrix)) > tol or (
             special and float(torch.linalg.det(matrix)) < 0
         ):

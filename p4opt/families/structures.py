@@ -27,8 +27,10 @@ def _normalize(dim: int, ndim: int, where: str) -> int:
     return dim % ndim
 
 
-def _no_freedom(where: str, why: str) -> ValueError:
-    return ValueError(f"the structure fixes every entry of {where} ({why}): nothing left to train")
+def _no_freedom(where: str, why: str) -> P4ValueError:
+    return P4ValueError(
+        f"the structure fixes every entry of {where} ({why}): nothing left to train"
+    )
 
 
 class _SymmetricSpace(AffineSpace):

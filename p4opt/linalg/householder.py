@@ -129,7 +129,8 @@ def householder_apply(x: Tensor, w: Tensor) -> Tensor:
     if x.ndim != 2:
         return householder_apply(x.reshape(-1, x.shape[-1]), w).reshape(x.shape)
     low = x.dtype in _LOW or w.dtype in _LOW
-    if low or torch.is_autocast_enabled(x.device.type):
+    autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+    if low or autocast:
         # the triangular solve has no half-precision kernels: run the product in float32
         with torch.autocast(device_type=x.device.type, enabled=False):
             x32, w32 = (x.float(), w.float()) if low else (x, w)

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 import p4opt
 from p4opt._typing import Tensor
-from p4opt.exceptions import ShapeError, describe
+from p4opt.errors import ShapeError, describe
 from p4opt.nn.base import Bijection
 
 __all__ = ["Permutation", "P4InvMixing", "swap_permutation"]
