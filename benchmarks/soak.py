@@ -2,8 +2,8 @@
 
 Each family trains an ``n x n`` float32 weight (no bias) with Adam through ``p4opt.P4Optimizer``
 (the family's default merge interval) on a fixed random regression task with fresh batches.
-Ten times per run (every ``--steps / 10`` steps, offset by a fortieth of that so that the check
-falls between two corrections, and at the end) the family's ``validate()`` figures are printed
+Ten times per run (every ``--steps / 10`` steps, 25 steps early so that the check falls
+between two corrections, and at the end) the family's ``validate()`` figures are printed
 together with the merges accepted, cut back (partial) and rejected so far. The run
 passes when every check is inside the goal (inverse and log|det| errors <= 1e-6 for Invertible,
 orthogonality error <= 1e-6 for Orthogonal (of the weight the layer computes, ``validate()``;
@@ -75,8 +75,8 @@ def soak(family: str, steps: int, n: int = 64, lr: float = 1e-3, checks: int = 1
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        # mid-cycle (25 merges after a correction at the default correct_every=50) and the end
-        if (step + every // 40) % every == 0 or step == steps:
+        # 25 steps early: mid-cycle for a family that merges every step and corrects every 50
+        if (step + 25) % every == 0 or step == steps:
             report = pert.validate()
             figures = {k: report.figures[k] for k in goals}
             if _kind(family) == "orthogonal":  # the stored base itself, in float64
