@@ -136,10 +136,41 @@ class Bound(nn.Module):
         return generator
 
     def _bind(self, owner: nn.Module, name: str) -> None:
-        object.__setattr__(self, "_owner", owner.parametrizations[name])  # type: ignore[index]
+        plist = owner.parametrizations[name]  # type: ignore[index]
+        object.__setattr__(self, "_owner", plist)
+        handle = plist._register_load_state_dict_pre_hook(self._refuse_mismatched_state)
+        object.__setattr__(self, "_load_hook", handle)
         self._claim()
 
+    def _refuse_mismatched_state(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+        *args: Any,
+    ) -> None:
+        """Refuse, before anything is copied, a checkpoint whose entries do not fit (a partial
+        copy would leave the base and its bookkeeping out of step)."""
+        ours = self._owner.state_dict(keep_vars=True)  # type: ignore[union-attr]
+        optional = ("rng_seed", "rng_draws", "merges", "_extra_state")
+        for key, tensor in ours.items():
+            given = state_dict.get(prefix + key)
+            if given is None:
+                if strict and not key.endswith(optional):
+                    raise RegistrationError(
+                        f"{self.where}: the state dict has no entry {prefix + key!r} (saved from "
+                        "another family or options?); nothing of the perturbation was loaded"
+                    )
+                continue
+            if isinstance(given, Tensor) and isinstance(tensor, Tensor):
+                if given.shape != tensor.shape:
+                    raise RegistrationError(
+                        f"{self.where}: the state dict's {prefix + key!r} has shape "
+                        f"{tuple(given.shape)}, this model's {tuple(tensor.shape)}; nothing of the "
+                        "perturbation was loaded"
+                    )
+
     def _unbind(self) -> None:
+        handle = self.__dict__.get("_load_hook")
+        if handle is not None:
+            handle.remove()
         for tensor in [*self.trainable(), self._owner.original]:  # type: ignore[union-attr]
             _forget(tensor)
         object.__setattr__(self, "_owner", None)

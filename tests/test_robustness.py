@@ -334,3 +334,20 @@ def test_invertible_on_a_conv_kernel_larger_than_one_is_refused():
     conv = torch.nn.Conv2d(4, 4, 3)
     with pytest.raises(p4opt.ShapeError, match="1x1"):
         p4opt.register(conv, "weight", p4opt.Invertible())
+
+
+@pytest.mark.parametrize("other", [5, "orthogonal"])
+def test_a_mismatched_checkpoint_is_refused_before_anything_is_copied(other):
+    lin, pert = _layer("invertible")
+    if other == "orthogonal":
+        source, _ = _layer("orthogonal")
+    else:
+        source = torch.nn.Linear(other, other, dtype=torch.float64)
+        with torch.no_grad():
+            source.weight.add_(3 * torch.eye(other, dtype=torch.float64))
+        p4opt.register(source, "weight", p4opt.Invertible())
+    before = {k: v.clone() for k, v in lin.state_dict().items() if "parametrizations" in k}
+    with pytest.raises(p4opt.RegistrationError, match="nothing of the perturbation was loaded"):
+        lin.load_state_dict(source.state_dict())
+    after = lin.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items()) and pert.validate().ok
