@@ -345,7 +345,7 @@ def test_one_by_one_weights_are_plus_or_minus_one(method):
     with torch.no_grad():
         lin.weight.fill_(-0.3)
     pert = p4opt.register(lin, "weight", p4opt.Orthogonal(method, group="O"))
-    assert float(lin.weight) == -1.0
+    assert float(lin.weight.detach()) == -1.0
     opt = p4opt.P4Optimizer(torch.optim.Adam(lin.parameters(), lr=0.1))
     for _ in range(8):
         lin(torch.ones(1, 1, dtype=F64)).sum().backward()
