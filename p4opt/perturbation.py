@@ -187,6 +187,10 @@ class Perturbation(Bound, abc.ABC):
         full = ok & (scale >= 1)
         forced = torch.isin(codes, torch.tensor(_FORCED_DROPS))
         drop = ~ok & (forced | (self.on_reject == "reset"))
+        kept = ~ok & ~drop
+        if bool(kept.any()):  # an update may stay pending only while the layer it gives is finite
+            current = torch.isfinite(self.apply(self.base).detach())
+            drop |= kept & ~_per_element(current, len(shape)).cpu()
         if bool(full.any()):
             self.restart(full.to(self.base.device), folded=True)
         if bool(drop.any()):

@@ -173,8 +173,19 @@ def unregister(module: nn.Module, name: str) -> nn.Parameter:
     -------
     torch.nn.Parameter
         The plain parameter now stored as ``module.<name>``.
+
+    Raises
+    ------
+    RegistrationError
+        When the current tensor is not finite (nothing is changed then).
     """
     pert = perturbation_of(module, name)
+    with torch.no_grad():
+        if not bool(torch.isfinite(pert.current()).all()):
+            raise RegistrationError(
+                f"{pert.where}: the current tensor is not finite (a non-finite pending update); "
+                "call merge() first, which drops it, then unregister"
+            )
     trainable = any(p.requires_grad for p in pert.trainable())
     pert._unbind()
     with torch.no_grad():

@@ -351,3 +351,35 @@ def test_a_mismatched_checkpoint_is_refused_before_anything_is_copied(other):
         lin.load_state_dict(source.state_dict())
     after = lin.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items()) and pert.validate().ok
+
+
+def test_unregister_refuses_a_non_finite_current_tensor():
+    lin, pert = _layer("invertible-factored", torch.float32)
+    with torch.no_grad():
+        pert.U.fill_(1e20)
+        pert.V.fill_(1e20)
+    with pytest.raises(p4opt.RegistrationError, match="not finite"):
+        p4opt.unregister(lin, "weight")
+    assert pert.is_registered and torch.isfinite(pert.base).all()
+    pert.merge()  # drops the overflowing update
+    assert torch.isfinite(p4opt.unregister(lin, "weight")).all()
+
+
+def test_a_structure_the_dtype_cannot_hold_is_refused_at_registration():
+    # a case the bad-input campaign found: bfloat16 entries near 1e30 cannot sum to zero exactly
+    refused = 0
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        noise = 0.3 * torch.randn(6, 6, generator=g, dtype=torch.float64)
+        value = (noise + 2 * torch.eye(6, dtype=torch.float64)) * 1e30
+        lin = torch.nn.Linear(6, 6, bias=False, dtype=torch.bfloat16)
+        with torch.no_grad():
+            lin.weight.copy_(value)
+        try:
+            pert = p4opt.register(lin, "weight", p4opt.ZeroSum(dim=0))
+        except p4opt.P4ValueError as error:
+            assert "cannot hold the structure" in str(error)
+            refused += 1
+            continue
+        assert pert.validate().ok  # what registers is feasible to its tolerance
+    assert refused > 0

@@ -142,6 +142,14 @@ class LinearStructure(Perturbation):
         self.space = self._make_space(value.detach())
         projected = self.space.project(value.detach().to(torch.float64)).to(value.dtype)
         projected = self.space.finish(projected)
+        if value.device.type != "meta":
+            residual = float(self.space.residual(projected.to(torch.float64)))
+            if not residual <= self._tolerance(projected):
+                raise P4ValueError(
+                    f"{self.where}: {value.dtype} cannot hold the structure at this magnitude "
+                    f"(residual {residual:.1e} after projection); use a wider dtype or smaller "
+                    "values"
+                )
         if "z" not in self._parameters or self.z.shape != (self.space.dim,):
             self.z = nn.Parameter(value.new_zeros(self.space.dim))
         self.identity()
@@ -192,8 +200,7 @@ class LinearStructure(Perturbation):
         """
         space = self._space()
         current = self.current()
-        scale = max(1.0, float(current.abs().max()))
-        tol = RESIDUAL_TOLERANCE.get(current.dtype, 1e-3) * scale * space.tolerance_scale
+        tol = self._tolerance(current)
         figures = {
             "residual": float(space.residual(current.to(torch.float64))),
             "base_residual": float(space.residual(self.base.to(torch.float64))),
@@ -201,6 +208,11 @@ class LinearStructure(Perturbation):
         }
         tolerances = {"residual": tol, "base_residual": tol}
         return ValidationReport(where=self.where, figures=figures, tolerances=tolerances)
+
+    def _tolerance(self, tensor: Tensor) -> float:
+        scale = max(1.0, float(tensor.abs().max()))
+        dtype_tol = RESIDUAL_TOLERANCE.get(tensor.dtype, 1e-3)
+        return dtype_tol * scale * self._space().tolerance_scale
 
     def residual(self) -> float:
         """Residual of the current tensor (see :meth:`validate`)."""
