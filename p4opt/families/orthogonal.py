@@ -71,7 +71,7 @@ class Orthogonal(Perturbation):
     >>> pert = p4opt.register(lin, "weight", p4opt.Orthogonal(rank=4))
     >>> with torch.no_grad():
     ...     _ = pert.vectors.add_(0.3 * torch.randn(6, 4, dtype=torch.float64))
-    >>> w = lin.weight
+    >>> w = lin.weight.detach()
     >>> float((w.T @ w - torch.eye(6)).abs().max()) < 1e-14
     True
     >>> pert.merge().accepted, torch.allclose(lin.weight, w)   # merging keeps the layer
