@@ -14,12 +14,14 @@ import math
 import torch
 
 from p4opt._typing import Tensor
+from p4opt.errors import SingularMatrixError
 
 __all__ = [
     "congruence",
     "congruence_capacitance",
     "congruence_inverse",
     "congruence_scale",
+    "project_spd",
     "symmetrize",
 ]
 
@@ -133,3 +135,43 @@ def congruence_scale(
         ok &= _condition(cap) <= max_condition
     first = torch.where(ok.any(0), ok.to(torch.uint8).argmax(0), steps)
     return torch.where(first < steps, t[first.clamp_max(steps - 1)], 0.0)
+
+
+def project_spd(value: Tensor, floor: float = 1e-6) -> Tensor:
+    r"""Nearest symmetric matrix with every eigenvalue at least ``floor`` times the largest.
+
+    Symmetrizes :math:`(X + X^T)/2` and, when that is not already positive definite above the
+    floor, clips its eigenvalues from below (the Frobenius-nearest such matrix).
+
+    Parameters
+    ----------
+    value : Tensor, shape (*, n, n)
+    floor : float
+        Relative eigenvalue floor, in (0, 1).
+
+    Returns
+    -------
+    Tensor, shape (*, n, n), float64
+        Cost :math:`O(n^3)`.
+
+    Raises
+    ------
+    SingularMatrixError
+        A matrix of the stack has no positive eigenvalue.
+
+    Examples
+    --------
+    >>> import torch
+    >>> project_spd(torch.tensor([[1.0, 3.0], [1.0, 1.0]])).tolist()   # eigenvalues 3, -1
+    [[1.5, 1.5], [1.5, 1.5]]
+    """
+    sym = symmetrize(value.detach().to(torch.float64))
+    eigval, eigvec = torch.linalg.eigh(sym)
+    top = eigval[..., -1]
+    if not bool((top > 0).all()):
+        raise SingularMatrixError("a matrix with no positive eigenvalue has no SPD projection")
+    low = (floor * top)[..., None]
+    if bool((eigval >= low).all()):
+        return sym
+    clipped = torch.maximum(eigval, low)
+    return symmetrize((eigvec * clipped[..., None, :]) @ eigvec.mT)

@@ -13,6 +13,7 @@ from p4opt._typing import Tensor
 from p4opt._validate import check_bounds, check_choice, check_int, check_number
 from p4opt.errors import P4TypeError, P4ValueError, ShapeError, SingularMatrixError, describe
 from p4opt.families import congruence as cg
+from p4opt.families.congruence import project_spd
 from p4opt.linalg.merge import _condition
 from p4opt.perturbation import Perturbation, Proposal, Reason, ValidationReport
 
@@ -20,46 +21,6 @@ __all__ = ["PositiveDefinite", "project_spd"]
 
 Bounds = tuple[float, float]
 _SCALABLE = (Reason.UPDATE_BOUNDS.code, Reason.ILL_CONDITIONED_UPDATE.code)
-
-
-def project_spd(value: Tensor, floor: float = 1e-6) -> Tensor:
-    r"""Nearest symmetric matrix with every eigenvalue at least ``floor`` times the largest.
-
-    Symmetrizes :math:`(X + X^T)/2` and, when that is not already positive definite above the
-    floor, clips its eigenvalues from below (the Frobenius-nearest such matrix).
-
-    Parameters
-    ----------
-    value : Tensor, shape (*, n, n)
-    floor : float
-        Relative eigenvalue floor, in (0, 1).
-
-    Returns
-    -------
-    Tensor, shape (*, n, n), float64
-        Cost :math:`O(n^3)`.
-
-    Raises
-    ------
-    SingularMatrixError
-        A matrix of the stack has no positive eigenvalue.
-
-    Examples
-    --------
-    >>> import torch
-    >>> project_spd(torch.tensor([[1.0, 3.0], [1.0, 1.0]])).tolist()   # eigenvalues 3, -1
-    [[1.5, 1.5], [1.5, 1.5]]
-    """
-    sym = cg.symmetrize(value.detach().to(torch.float64))
-    eigval, eigvec = torch.linalg.eigh(sym)
-    top = eigval[..., -1]
-    if not bool((top > 0).all()):
-        raise SingularMatrixError("a matrix with no positive eigenvalue has no SPD projection")
-    low = (floor * top)[..., None]
-    if bool((eigval >= low).all()):
-        return sym
-    clipped = torch.maximum(eigval, low)
-    return cg.symmetrize((eigvec * clipped[..., None, :]) @ eigvec.mT)
 
 
 class PositiveDefinite(Perturbation):
@@ -80,8 +41,7 @@ class PositiveDefinite(Perturbation):
         best rank-k part :math:`UV^T` of :math:`\Delta` (all of it when ``k >= n``, the
         default; a smaller ``k`` makes merges :math:`O(n^2k)` and drops the rest of the change).
     ``"factored"``
-        :math:`U` (zero at the identity) and :math:`V` (redrawn at every restart) are trained
-        directly: :math:`2nk` numbers of optimizer state.
+        :math:`U` (zero at the identity) and :math:`V` (redrawn) trained directly.
 
     A merge is cut back (projected) or refused when :math:`C` is singular, has
     :math:`\log|\det C|` outside ``update_logdet_bounds`` (default :math:`(-k, k)`) or a 2-norm
@@ -90,11 +50,9 @@ class PositiveDefinite(Perturbation):
     recomputes :math:`A^{-1}` and :math:`\log\det A` and proves positive definiteness (a matrix
     that lost it to rounding is projected back by :func:`project_spd`).
 
-    Registration symmetrizes the tensor and clips its eigenvalues at ``floor`` times the
-    largest (:func:`project_spd`). Costs: forward :math:`O(n^3)` (projected) or
-    :math:`O(n^2k)` (factored); :meth:`logabsdet` :math:`O(n^2)` right after a merge,
-    :math:`O(nk^2)` factored; :meth:`inverse` :math:`O(n^3)` projected, :math:`O(n^2k)`
-    factored; merge :math:`O(n^2k)`; correction :math:`O(n^3)`.
+    Registration symmetrizes and clips eigenvalues at ``floor`` times the largest
+    (:func:`project_spd`). Costs (projected / factored): forward :math:`O(n^3)` /
+    :math:`O(n^2k)`; merge :math:`O(n^2k)`; correction :math:`O(n^3)`.
 
     Parameters
     ----------
