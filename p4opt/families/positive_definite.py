@@ -67,10 +67,8 @@ class PositiveDefinite(Perturbation):
         Largest 2-norm condition number of :math:`C`.
     floor : float
         Relative eigenvalue floor of the registration projection.
-    init_scale : float, optional
-        ``"factored"`` only: standard deviation of a redrawn ``V``; default :math:`1/\sqrt k`.
-    on_reject : {"keep", "reset"}
-    seed : int, optional
+    init_scale, on_reject, seed
+        As for :class:`~p4opt.Invertible`.
 
     Examples
     --------
