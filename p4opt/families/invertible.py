@@ -45,27 +45,16 @@ class Invertible(TrackedInverse, Perturbation):
     .. math:: (A + UV^T)^{-1} = A^{-1} - A^{-1}U\,C^{-1} V^T A^{-1}, \qquad
               \det(A + UV^T) = \det C \cdot \det A, \qquad C = I_k + V^T A^{-1} U .
 
-    Two update rules (``update``):
+    Two update rules (``update``): ``"projected"`` (default) trains a dense pending change
+    :math:`\Delta` with the optimizer's usual state and folds its best rank-k part after every
+    step (the rest is discarded); ``"factored"`` trains :math:`A + UV^T` directly (:math:`2nk`
+    numbers of optimizer state, for very large ``n``). An update outside the bounds is cut back
+    to the largest fraction that passes (a *partial* merge). A tensor ``(*, n, n)`` is a stack
+    merged element by element; a 1×1 convolution weight ``(c, c, 1, ...)`` is one matrix.
 
-    ``"projected"`` (default)
-        The optimizer trains a dense pending change :math:`\Delta` (zero at the identity) with
-        its usual state; each merge, after every step by default, folds the best rank-k part
-        of :math:`\Delta` (randomized range finder) and discards the rest. Learns like a dense
-        weight when ``k`` is a fair fraction of ``n``; optimizer state :math:`n^2`.
-    ``"factored"``
-        :math:`A + UV^T` with ``U`` (zero at the identity) and ``V`` (redrawn, or aligned with
-        its last gradient) trained directly: :math:`2nk` numbers of optimizer state, for very
-        large ``n``; each merge cycle moves the matrix in ``k`` directions only.
-
-    A merge whose update would leave the bounds is cut back to the largest fraction that keeps
-    it inside (a *partial* merge).
-
-    A tensor of shape ``(*, n, n)`` is a stack of matrices, each merged and validated on its
-    own; a 1×1 convolution weight ``(c, c, 1, ...)`` is one ``c × c`` channel-mixing matrix.
-
-    Costs (``B`` vectors, rank ``k``): forward :math:`O(Bn^2)`; :meth:`logabsdet`
-    :math:`O(n^2)` (projected) or :math:`O(n^2k)`; :meth:`solve` :math:`O(Bn^2)`; merge
-    :math:`O(n^2k)`; a correction every ``correct_every`` merges :math:`O(n^3)`.
+    Costs (``B`` vectors, rank ``k``): forward and :meth:`solve` :math:`O(Bn^2)`;
+    :meth:`logabsdet` :math:`O(n^2)` (projected) or :math:`O(n^2k)`; merge :math:`O(n^2k)`;
+    a correction every ``correct_every`` merges :math:`O(n^3)`.
 
     Parameters
     ----------
