@@ -78,12 +78,10 @@ class Invertible(TrackedInverse, Perturbation):
     on_reject : {"keep", "reset"}
         A finite update that cannot be folded even in part is kept pending (default) or
         dropped.
-    restart : {"random", "gradient"}
-        ``"factored"`` only: how ``V`` restarts after a merge.
+    restart, init_scale : {"random", "gradient"}, float
+        ``"factored"`` only: how ``V`` restarts; its draws' std (default :math:`1/\sqrt k`).
     power_iters : int
         ``"projected"`` only: power iterations of the range finder.
-    init_scale : float, optional
-        ``"factored"`` only: standard deviation of a redrawn ``V``; default :math:`1/\sqrt k`.
     dtype : torch.dtype
         Bookkeeping precision.
     max_condition : float
