@@ -125,7 +125,7 @@ def woodbury_solve(inv_t: Tensor, u: Tensor, v: Tensor, y: Tensor) -> Tensor:
     rows = torch.cat([u.mT, flat], dim=0) @ inv_t  # (A⁻¹U)ᵀ and (A⁻¹y)ᵀ in one product
     inv_u_t, z = rows[:k], rows[k:]
     cap = v.mT @ inv_u_t.mT
-    if k == 1:  # a scalar capacitance: divide instead of a (slow to launch) 1×1 solve
+    if k == 1:  # a scalar capacitance: divide instead of a (slow to launch) 1-by-1 solve
         s = (z @ v) / (cap + 1)
     else:
         s = torch.linalg.solve(cap + _eye_like(cap), (z @ v).mT).mT

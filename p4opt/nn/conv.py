@@ -1,4 +1,4 @@
-r""":class:`InvertibleConv1x1`: Glow's invertible 1×1 convolution with a P⁴Inv-tracked weight."""
+r""":class:`InvertibleConv1x1`: Glow's invertible 1x1 convolution with a P⁴Inv-tracked weight."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ __all__ = ["InvertibleConv1x1"]
 
 
 class InvertibleConv1x1(Bijection):
-    r"""Channel mixing :math:`y_{b,:,s} = W x_{b,:,s}` at every position ``s`` (Glow's 1×1 conv).
+    r"""Channel mixing :math:`y_{b,:,s} = W x_{b,:,s}` at every position ``s`` (Glow's 1x1 conv).
 
     The ``c × c`` weight is registered with :class:`p4opt.Invertible`, so its inverse and
     :math:`\log|\det W|` are tracked exactly; the log-determinant of the whole map is
