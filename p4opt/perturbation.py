@@ -217,6 +217,8 @@ class Perturbation(Bound, abc.ABC):
         """Per stack element: whether every trainable tensor is finite there."""
         finite = torch.ones(shape, dtype=torch.bool)
         for p in self.trainable():
+            if bool(torch.isfinite(p.detach().sum())):  # one pass, no mask, in the usual case
+                continue
             flags = torch.isfinite(p.detach())
             if len(shape) and p.shape[: len(shape)] == shape:
                 finite &= _per_element(flags, len(shape)).cpu()

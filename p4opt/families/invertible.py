@@ -163,6 +163,7 @@ class Invertible(TrackedInverse, Perturbation):
         self.rule: UpdateRule = Projected(self) if update == "projected" else Factored(self)
         self.default_merge_every = self.rule.merge_every
         self._cast_cache: dict[Any, tuple[int, Tensor]] = {}
+        self._bounds_cache: tuple[tuple[int, ...], int, tuple[Tensor, Tensor]] | None = None
         self._conv = False
 
     @property
@@ -249,8 +250,9 @@ class Invertible(TrackedInverse, Perturbation):
         u, v = self.rule.factors()
         args = (self.update_logdet_bounds, self.logdet_bounds, self.max_update_condition)
         matrix = self._matrix()
+        bounds = self._entry_bounds(matrix)
         check = lowrank.low_rank_check(
-            matrix, self.inv, self.logabsdet_base, u, v, *args, out_dtype=self.base.dtype
+            matrix, self.inv, self.logabsdet_base, u, v, *args, self.base.dtype, bounds
         )
         scale = torch.ones(check.codes.shape, dtype=torch.float64, device=u.device)
         scalable = torch.isin(check.codes, torch.tensor(lowrank.SCALABLE, device=u.device))
@@ -262,7 +264,7 @@ class Invertible(TrackedInverse, Perturbation):
                 scale = torch.where(use, t, scale)
                 u = u * scale[..., None, None].to(u.dtype)
                 check = lowrank.low_rank_check(
-                    matrix, self.inv, self.logabsdet_base, u, v, *args, out_dtype=self.base.dtype
+                    matrix, self.inv, self.logabsdet_base, u, v, *args, self.base.dtype, bounds
                 )
         lad = check.cap_logabsdet
         figures = {"update_logabsdet": float(lad if lad.ndim == 0 else lad.abs().amax())}
@@ -276,12 +278,29 @@ class Invertible(TrackedInverse, Perturbation):
         lowrank.low_rank_fold_(matrix, self.inv, self.sign_base, self.logabsdet_base, u, v, check)
         if matrix is self.precise_base:  # round the float64 master into the layer
             self.base.copy_(self._as_weight(matrix))
+        if check.entry_bounds is not None:
+            age = self._bounds_cache[1] + 1 if self._bounds_cache is not None else 0
+            self._bounds_cache = (self._versions(matrix), age, check.entry_bounds)
         partial = ok & (proposal.scale < 1)  # type: ignore[operator]
         if bool(partial.any()):
             self.rule.keep_remainder(partial, proposal.scale)  # type: ignore[arg-type]
 
     def restart(self, mask: Tensor, folded: bool) -> None:
         self.rule.restart(mask, folded)
+
+    def _versions(self, matrix: Tensor) -> tuple[int, ...]:
+        return (matrix.data_ptr(), matrix._version, self.inv.data_ptr(), self.inv._version)
+
+    def _entry_bounds(self, matrix: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Bounds of max|A| and max|A⁻¹| from the last fold, while neither tensor changed since.
+
+        They only grow from fold to fold, so they are recomputed exactly every 64 merges.
+        """
+        cached = self._bounds_cache
+        if cached is None or cached[1] >= 64 or cached[0] != self._versions(matrix):
+            self._bounds_cache = None
+            return None
+        return cached[2]
 
     @torch.no_grad()
     def correct(self) -> dict[str, float]:

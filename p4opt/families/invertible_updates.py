@@ -179,7 +179,11 @@ class Projected(UpdateRule):
     @torch.no_grad()
     def restart(self, mask: Tensor, folded: bool) -> None:
         delta = self.pert.delta
-        delta.copy_(torch.where(mask.to(delta.device)[..., None, None], 0, delta))
+        if bool(mask.all()):
+            delta.zero_()
+        else:
+            delta.copy_(torch.where(mask.to(delta.device)[..., None, None], 0, delta))
+        self._zero_version = _identity_key(delta)
 
     @torch.no_grad()
     def keep_remainder(self, mask: Tensor, scale: Tensor) -> None:
@@ -189,14 +193,19 @@ class Projected(UpdateRule):
         return self.pert.delta.to(self.pert.dtype)
 
     def _at_zero(self) -> bool:
-        return not bool(self.pert.delta.detach().any())
+        """Whether ``delta`` is zero; free while it is untouched since the last restart."""
+        delta = self.pert.delta
+        key = _identity_key(delta)
+        if key is not None and getattr(self, "_zero_version", None) == key:
+            return True
+        return not bool(delta.detach().any())
 
     def logabsdet(self) -> Tensor:
         pert = self.pert
-        delta = pert.delta.to(pert.dtype)
         if self._at_zero():  # exact value, and the exact gradient A^{-T}
-            return pert.logabsdet_base + (pert.inv.mT * delta).sum((-2, -1))
-        return torch.linalg.slogdet(pert._matrix() + delta)[1]
+            inv_t = pert._inverse_transposed(pert.delta.dtype)
+            return _LogAbsDetAtZero.apply(pert.logabsdet_base, pert.delta, inv_t)
+        return torch.linalg.slogdet(pert._matrix() + pert.delta.to(pert.dtype))[1]
 
     def inverse(self) -> Tensor:
         pert = self.pert
@@ -212,6 +221,32 @@ class Projected(UpdateRule):
             return _SolveAtZero.apply(y, pert.delta.to(y.dtype), inv_t)
         w = (pert._matrix() + pert.delta.to(pert.dtype)).to(y.dtype)
         return torch.linalg.solve(w, y.unsqueeze(-1)).squeeze(-1)
+
+
+def _identity_key(t: Tensor) -> tuple[int, int] | None:
+    """(storage address, version counter): equal keys mean ``t`` was not written in between."""
+    try:
+        return t.data_ptr(), t._version
+    except RuntimeError:  # tensors without storage (torch.func transforms)
+        return None
+
+
+class _LogAbsDetAtZero(torch.autograd.Function):
+    r""":math:`\log|\det(A + \Delta)|` at :math:`\Delta = 0`: value :math:`\log|\det A|`,
+    gradient :math:`A^{-T}` (no :math:`n^2` work in the forward pass)."""
+
+    @staticmethod
+    def forward(logabsdet: Tensor, delta: Tensor, inv_t: Tensor) -> Tensor:
+        return logabsdet.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[no-untyped-def]
+        (inv_t,) = ctx.saved_tensors
+        return None, grad.to(inv_t.dtype)[..., None, None] * inv_t, None
 
 
 class _InverseAtZero(torch.autograd.Function):

@@ -55,13 +55,20 @@ def _condition_exceeds(cap: Tensor, limit: float) -> Tensor:
 
     With :math:`E = C - I` and :math:`\lVert E\rVert_2 \le \lVert E\rVert_F = e < 1`,
     :math:`\kappa_2(C) \le (1 + e)/(1 - e)`; merges of small steps are all settled this way.
+    Larger steps are settled by :math:`\kappa_2(C) \le \lVert C\rVert_F\lVert C^{-1}\rVert_F`
+    (an inverse costs a fraction of an SVD); only the rest pay for singular values.
     """
+    none = torch.zeros(cap.shape[:-2], dtype=torch.bool, device=cap.device)
     if not math.isfinite(limit):
-        return torch.zeros(cap.shape[:-2], dtype=torch.bool, device=cap.device)
+        return none
     e = torch.linalg.matrix_norm(cap - _eye_like(cap))
-    settled = e < (limit - 1) / (limit + 1)
-    if bool(settled.all()):
-        return torch.zeros(cap.shape[:-2], dtype=torch.bool, device=cap.device)
+    if bool((e < (limit - 1) / (limit + 1)).all()):
+        return none
+    clean = torch.where(torch.isfinite(cap), cap, 0)
+    inverse, info = torch.linalg.inv_ex(clean)
+    bound = torch.linalg.matrix_norm(clean) * torch.linalg.matrix_norm(inverse)
+    if bool(((info == 0) & (bound <= limit)).all()):
+        return none
     return _condition(cap) > limit
 
 
@@ -78,6 +85,8 @@ class LowRankCheck:
     correction: Tensor
     cap_sign: Tensor
     cap_logabsdet: Tensor
+    #: Upper bounds of the entries' magnitudes of :math:`A` and :math:`A^{-1}` after the fold.
+    entry_bounds: tuple[Tensor, Tensor] | None = None
 
 
 def low_rank_check(
@@ -90,6 +99,7 @@ def low_rank_check(
     logdet_bounds: Bounds = (-math.inf, math.inf),
     max_condition: float = math.inf,
     out_dtype: torch.dtype | None = None,
+    entry_bounds: tuple[Tensor, Tensor] | None = None,
 ) -> LowRankCheck:
     r"""Check the update :math:`A \leftarrow A + UV^T` of every stack element; change nothing.
 
@@ -105,10 +115,14 @@ def low_rank_check(
         :math:`A` and :math:`A^{-1}`.
     logabsdet : Tensor, shape (*)
     u, v : Tensor, shape (*, n, k)
+    entry_bounds : (Tensor, Tensor), optional
+        Upper bounds, shape (*), of :math:`\max|A_{ij}|` and :math:`\max|A^{-1}_{ij}|` (e.g.
+        ``entry_bounds`` of the previous merge's check); saves two :math:`O(n^2)` passes.
 
     Returns
     -------
     LowRankCheck
+        With ``entry_bounds`` valid for the matrices after :func:`low_rank_fold_`.
     """
     finite_uv = torch.isfinite(u).all(-1).all(-1) & torch.isfinite(v).all(-1).all(-1)
     all_finite = bool(finite_uv.all())
@@ -137,12 +151,14 @@ def low_rank_check(
         inv_u, u = torch.where(ok, inv_u, 0), torch.where(ok, u, 0)
     correction = torch.linalg.solve(cap, v.mT @ inv)
     k = u.shape[-1]  # entrywise bounds: |X + a b^T| <= max|X| + k max|a| max|b|
-    inv_bound = _max_abs(inv) + k * _max_abs(inv_u) * _max_abs(correction)
-    mat_bound = _max_abs(matrix) + k * _max_abs(u) * _max_abs(v)
+    mat_old, inv_old = entry_bounds or (_max_abs(matrix), _max_abs(inv))
+    inv_bound = inv_old + k * _max_abs(inv_u) * _max_abs(correction)
+    mat_bound = mat_old + k * _max_abs(u) * _max_abs(v)
     limit = torch.finfo(out_dtype or matrix.dtype).max
     overflow = ~(inv_bound < torch.finfo(inv.dtype).max) | ~(mat_bound < limit)
     code = torch.where((code == 0) & overflow, len(checks) + 1, code)
-    return LowRankCheck(code, inv_u, correction, cap_sign, cap_logabsdet)
+    bounds = (torch.where(code == 0, mat_bound, mat_old), torch.where(code == 0, inv_bound, inv_old))
+    return LowRankCheck(code, inv_u, correction, cap_sign, cap_logabsdet, bounds)
 
 
 def _addmm_(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> None:

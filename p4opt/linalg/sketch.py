@@ -13,7 +13,7 @@ def range_finder(delta: Tensor, start: Tensor, power_iters: int = 1) -> tuple[Te
     r"""Rank-k factors :math:`UV^T \approx \Delta` by a randomized range finder.
 
     .. math:: Q = \mathrm{orth}(\Delta\,\Omega), \quad
-              \big(Q \leftarrow \mathrm{orth}(\Delta\,\mathrm{orth}(\Delta^T Q))\big)^{p},
+              \big(Q \leftarrow \mathrm{orth}(\Delta\,\Delta^T Q)\big)^{p},
               \quad \Delta \approx Q\,(Q^T\Delta) = U V^T
 
     With a Gaussian start :math:`\Omega` and ``p`` power iterations, :math:`QQ^T\Delta` is
@@ -25,7 +25,9 @@ def range_finder(delta: Tensor, start: Tensor, power_iters: int = 1) -> tuple[Te
     start : Tensor, shape (*, m, k)
         The test matrix :math:`\Omega` (e.g. Gaussian).
     power_iters : int
-        Power iterations ``p`` (each costs two :math:`O(nmk)` products and two thin QRs).
+        Power iterations ``p`` (each costs two :math:`O(nmk)` products and one thin QR; the
+        basis is re-orthonormalized once per iteration, which keeps the amplification of
+        rounding errors to :math:`(\sigma_1/\sigma_k)^2` per iteration).
 
     Returns
     -------
@@ -53,5 +55,5 @@ def range_finder(delta: Tensor, start: Tensor, power_iters: int = 1) -> tuple[Te
     """
     q = torch.linalg.qr(delta @ start).Q
     for _ in range(power_iters):
-        q = torch.linalg.qr(delta @ torch.linalg.qr(delta.mT @ q).Q).Q
+        q = torch.linalg.qr(delta @ (delta.mT @ q)).Q
     return q, delta.mT @ q
