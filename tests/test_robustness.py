@@ -383,3 +383,22 @@ def test_a_structure_the_dtype_cannot_hold_is_refused_at_registration():
             continue
         assert pert.validate().ok  # what registers is feasible to its tolerance
     assert refused > 0
+
+
+@pytest.mark.parametrize("scale", [1.0, 20.0])
+def test_float32_householder_weight_stays_orthogonal_with_more_reflections_than_n_over_2(scale):
+    # k = 2n reflection vectors in pairs that drifted apart (what long training produces): the
+    # WY product in float32 was off by ~1e-6; the layer's weight must stay within a few float32
+    # epsilons of orthogonal, as the soak's goal of 1e-6 requires with room to spare
+    lin = torch.nn.Linear(64, 64, bias=False)
+    pert = p4opt.register(lin, "weight", p4opt.Orthogonal(seed=0))
+    n, k = pert.vectors.shape
+    assert k == 2 * n
+    g = torch.Generator().manual_seed(1)
+    anchors = torch.randn(n, k // 2, generator=g).repeat_interleave(2, 1)
+    with torch.no_grad():
+        pert.vectors.copy_(scale * (anchors + 0.01 * torch.randn(n, k, generator=g)))
+    w = lin.weight.detach().double()
+    error = float((w.mT @ w - torch.eye(n, dtype=torch.float64)).abs().max())
+    assert error < 3e-7
+    assert pert.validate().ok
