@@ -163,7 +163,11 @@ class Perturbation(Bound, abc.ABC):
         self._last_grads = grads or {}
         shape = self._stack_shape()
         finite = self._finite_update(shape)
-        proposal = self.propose() if bool(finite.any()) else Proposal()
+        all_finite = bool(finite.all())
+        proposal = self.propose() if all_finite or bool(finite.any()) else Proposal()
+        if all_finite and _folds_whole(proposal):
+            policy = self.reset_optimizer_state if reset_state is None else reset_state
+            return self._fold_whole(proposal, shape, policy)
         codes = torch.zeros(shape, dtype=torch.long)
         if proposal.codes is not None:
             codes = proposal.codes.to(torch.long).cpu().expand(shape).clone()
@@ -211,6 +215,22 @@ class Perturbation(Bound, abc.ABC):
             stale=tuple(self.trainable()) if stale else (),
             dropped=bool(drop.any()),
             figures=figures,
+        )
+
+    def _fold_whole(self, proposal: Proposal, shape: torch.Size, reset: bool) -> MergeResult:
+        """The usual case, without per-element bookkeeping: every element folds its whole update."""
+        ok = torch.ones(shape, dtype=torch.bool, device=self.base.device)
+        self.fold(proposal, ok)
+        self.merges += 1
+        figures = dict(proposal.figures)
+        every = self.correct_every
+        corrected = every is not None and int(self.merges) % every == 0
+        if corrected:
+            figures.update(self.correct())
+        self.restart(ok, folded=True)
+        stale = tuple(self.trainable()) if reset else ()
+        return MergeResult(
+            accepted=True, folded=ok.numel(), corrected=corrected, stale=stale, figures=figures
         )
 
     def _finite_update(self, shape: torch.Size) -> Tensor:
@@ -266,6 +286,15 @@ class Perturbation(Bound, abc.ABC):
 def _codes(ok: bool | Tensor, reason: Reason) -> Tensor:
     ok_t = torch.as_tensor(ok, dtype=torch.bool).cpu()
     return torch.where(ok_t, 0, reason.code)
+
+
+def _folds_whole(proposal: Proposal) -> bool:
+    """Whether a proposal accepts every element's whole update (finite candidate, no codes)."""
+    if proposal.codes is not None and bool(proposal.codes.ne(0).any()):
+        return False
+    if proposal.scale is not None and bool(proposal.scale.lt(1).any()):
+        return False
+    return proposal.candidate is None or bool(torch.isfinite(proposal.candidate.sum()))
 
 
 def _per_element(flags: Tensor, stack_ndim: int) -> Tensor:

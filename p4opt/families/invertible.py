@@ -254,6 +254,8 @@ class Invertible(TrackedInverse, Perturbation):
         check = lowrank.low_rank_check(
             matrix, self.inv, self.logabsdet_base, u, v, *args, self.base.dtype, bounds
         )
+        if not bool(check.codes.ne(0).any()):  # the usual case: the whole update folds
+            return Proposal(codes=check.codes, figures=self._figures(check), data=(u, v, check))
         scale = torch.ones(check.codes.shape, dtype=torch.float64, device=u.device)
         scalable = torch.isin(check.codes, torch.tensor(lowrank.SCALABLE, device=u.device))
         cut = torch.where(scalable, check.codes, 0)
@@ -266,11 +268,14 @@ class Invertible(TrackedInverse, Perturbation):
                 check = lowrank.low_rank_check(
                     matrix, self.inv, self.logabsdet_base, u, v, *args, self.base.dtype, bounds
                 )
-        lad = check.cap_logabsdet
-        figures = {"update_logabsdet": float(lad if lad.ndim == 0 else lad.abs().amax())}
         return Proposal(
-            codes=check.codes, scale=scale, cut=cut, figures=figures, data=(u, v, check)
+            codes=check.codes, scale=scale, cut=cut, figures=self._figures(check), data=(u, v, check)
         )
+
+    @staticmethod
+    def _figures(check: lowrank.LowRankCheck) -> dict[str, float]:
+        lad = check.cap_logabsdet
+        return {"update_logabsdet": float(lad if lad.ndim == 0 else lad.abs().amax())}
 
     def fold(self, proposal: Proposal, ok: Tensor) -> None:
         u, v, check = proposal.data
@@ -281,7 +286,9 @@ class Invertible(TrackedInverse, Perturbation):
         if check.entry_bounds is not None:
             age = self._bounds_cache[1] + 1 if self._bounds_cache is not None else 0
             self._bounds_cache = (self._versions(matrix), age, check.entry_bounds)
-        partial = ok & (proposal.scale < 1)  # type: ignore[operator]
+        if proposal.scale is None:
+            return
+        partial = ok & (proposal.scale < 1)
         if bool(partial.any()):
             self.rule.keep_remainder(partial, proposal.scale)  # type: ignore[arg-type]
 
