@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -38,11 +40,15 @@ class Householder(Rotation):
     (so the scale of the optimizer's steps keeps its meaning); pairs that did not move are
     redrawn.
 
+    A stack (*, n, p) has one product per element: ``vectors`` has shape (*, n, k).
+
     References
     ----------
     R. Schreiber, C. Van Loan, "A storage-efficient WY representation for products of
     Householder transformations", SIAM J. Sci. Stat. Comput. 10 (1989).
     """
+
+    stacks: ClassVar[bool] = True
 
     def __init__(self, pert, rank):  # type: ignore[no-untyped-def]
         if rank is not None:
@@ -55,35 +61,44 @@ class Householder(Rotation):
         if k > 4 * n:
             raise P4ValueError(f"rank {k} exceeds 4 n = {4 * n} for {pert.where}")
         if "vectors" not in pert._parameters:
-            pert.vectors = nn.Parameter(torch.zeros(n, k, dtype=like.dtype, device=like.device))
+            shape = (*like.shape[:-2], n, k)
+            pert.vectors = nn.Parameter(torch.zeros(shape, dtype=like.dtype, device=like.device))
 
     @torch.no_grad()
-    def identity(self) -> None:
+    def identity(self, mask: Tensor | None = None) -> None:
         pert = self.pert
-        n, k = pert.vectors.shape
-        fresh = torch.randn(n, k // 2, generator=pert.rng(), dtype=torch.float64)
-        pert.vectors.copy_(fresh.mul_(pert.init_scale).repeat_interleave(2, dim=1))
+        *stack, n, k = pert.vectors.shape
+        fresh = torch.randn(*stack, n, k // 2, generator=pert.rng(), dtype=torch.float64)
+        self._write(fresh.mul_(pert.init_scale), mask)
 
     @torch.no_grad()
-    def restart(self) -> None:
+    def restart(self, mask: Tensor | None = None) -> None:
         pert = self.pert
-        n, k = pert.vectors.shape
-        pairs = pert.vectors.to(torch.float64).unflatten(1, (k // 2, 2))
-        travel = pairs[:, :, 1] - pairs[:, :, 0]
+        *stack, n, k = pert.vectors.shape
+        pairs = pert.vectors.to(torch.float64).unflatten(-1, (k // 2, 2))
+        travel = pairs[..., 1] - pairs[..., 0]
         # keep each pair's current length: the optimizer's steps were sized for it (a reset to
         # the initial length would turn the planes by ~1 radian per step at large learning rates)
-        scale = pairs.norm(dim=0).mean(-1)
-        norms = travel.norm(dim=0)
+        scale = pairs.norm(dim=-3).mean(-1).unsqueeze(-2)
+        norms = travel.norm(dim=-2, keepdim=True)
         still = norms < 1e-3 * scale
         anchors = travel * (scale / norms.clamp_min(1e-300))
         if bool(still.any()):  # a draw costs as much as the rest of this restart: only if needed
-            fresh = torch.randn(n, k // 2, generator=pert.rng(), dtype=torch.float64)
+            fresh = torch.randn(*stack, n, k // 2, generator=pert.rng(), dtype=torch.float64)
             anchors = torch.where(still, fresh.mul_(pert.init_scale), anchors)
-        pert.vectors.copy_(anchors.repeat_interleave(2, dim=1))
+        self._write(anchors, mask)
+
+    def _write(self, anchors: Tensor, mask: Tensor | None) -> None:
+        """Set the selected elements' pairs to ``(v, v)`` for the columns ``v`` of ``anchors``."""
+        vectors = self.pert.vectors
+        new = anchors.repeat_interleave(2, dim=-1).to(vectors.dtype)
+        if mask is not None:
+            new = torch.where(mask[..., None, None].to(vectors.device), new, vectors)
+        vectors.copy_(new)
 
     def rotate(self, x: Tensor) -> Tensor:
         return rotations.householder_apply(x, self.pert.vectors.to(x.dtype))
 
     def describe(self) -> str:
         vectors = self.pert._parameters.get("vectors")
-        return "" if vectors is None else f", rank={vectors.shape[1]}"
+        return "" if vectors is None else f", rank={vectors.shape[-1]}"
