@@ -17,11 +17,13 @@ def _gram_error(w: torch.Tensor) -> float:
 
 
 def _stiefel(shape: tuple[int, ...], seed: int, dtype=torch.float64) -> torch.Tensor:
-    """Random points of the Stiefel manifold (QR of Gaussian matrices), any orientation."""
+    """Random points of the Stiefel manifold (QR of Gaussian matrices); square ones in SO(n)."""
     g = torch.Generator().manual_seed(seed)
     *stack, n, p = shape
     a = torch.randn(*stack, max(n, p), min(n, p), generator=g, dtype=torch.float64)
     q = torch.linalg.qr(a)[0]
+    if n == p:
+        q[..., 0] *= torch.linalg.det(q).sign()[..., None]
     return (q if n >= p else q.mT).to(dtype)
 
 
