@@ -56,7 +56,7 @@ class Orthogonal(Perturbation):
         ``"givens"`` takes single matrices, square or rectangular (no stacks).
     rank : int, optional
         Number of reflections (even, ``2 <= k <= 4 max(n, p)``) for ``"householder"``;
-        default :func:`default_rank` of ``max(n, p)``. Must be left out for ``"givens"``.
+        default :func:`default_rank` ``(n, p)``. Must be left out for ``"givens"``.
     group : {"SO", "O"}, optional
         Feasible set of a square weight: the rotations (the default) or all orthogonal
         matrices. A rectangular weight has no determinant: its Stiefel manifold is connected

@@ -16,16 +16,25 @@ from p4opt.families.rotations.base import Rotation
 __all__ = ["Householder", "default_rank"]
 
 
-def default_rank(n: int) -> int:
-    """Default number of reflections for size ``n``: ``min(2n, max(64, 65536 // n))``, even.
+def default_rank(n: int, p: int | None = None) -> int:
+    """Default number of reflections for an ``n × p`` weight (square when ``p`` is left out).
+
+    ``min(2m, max(64, 65536 // m), 3s)`` rounded down to even, with ``m = max(n, p)`` the
+    size of the rotation and ``s = min(n, p)``: a rectangular weight needs fewer
+    reflections, the Stiefel manifold having about ``m s`` dimensions (the third bound
+    never binds for a square weight).
 
     Examples
     --------
     >>> [default_rank(n) for n in (8, 64, 128, 256, 512, 2048)]
     [16, 128, 256, 256, 128, 64]
+    >>> default_rank(256, 64), default_rank(64, 256), default_rank(20, 10)
+    (192, 192, 30)
     """
-    k = min(2 * n, max(64, 65536 // n))
-    return k - k % 2
+    p = n if p is None else p
+    m, s = max(n, p), min(n, p)
+    k = min(2 * m, max(64, 65536 // m), 3 * s)
+    return max(2, k - k % 2)
 
 
 class Householder(Rotation):
@@ -57,7 +66,7 @@ class Householder(Rotation):
 
     def create(self, like: Tensor, n: int) -> None:
         pert = self.pert
-        k = self.rank if self.rank is not None else default_rank(n)
+        k = self.rank if self.rank is not None else default_rank(n, min(like.shape[-2:]))
         if k > 4 * n:
             raise P4ValueError(f"rank {k} exceeds 4 n = {4 * n} for {pert.where}")
         if "vectors" not in pert._parameters:
