@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -195,3 +197,17 @@ def test_autocast_bfloat16_and_torch_func_grad(shape):
     via_func = grad(loss)(params)["parametrizations.weight.0.vectors"]
     loss(params).backward()
     assert (via_func - pert64.vectors.grad).abs().max() < 1e-12
+
+
+def test_the_orthogonal_page_example_runs_and_keeps_the_property(capsys):
+    from pathlib import Path
+
+    page = Path(__file__).parents[1] / "docs" / "families" / "orthogonal.md"
+    blocks = re.findall(r"^```python\n(.*?)^```", page.read_text(encoding="utf-8"), re.M | re.S)
+    (block,) = [b for b in blocks if "Conv2d" in b]
+    namespace: dict = {}
+    torch.manual_seed(0)
+    exec(compile(block, "orthogonal.md", "exec"), namespace)  # noqa: S102
+    assert capsys.readouterr().out.split() == ["True", "True"]
+    assert _gram_error(namespace["lin"].weight) < 1e-5
+    assert namespace["lin"].weight.shape == (64, 256)
