@@ -46,8 +46,8 @@ class Householder(Rotation):
 
     After a merge each pair :math:`(a_i, b_i)` restarts at :math:`(v_i, v_i)` with
     :math:`v_i` along its direction of travel :math:`b_i - a_i` and the pair's current length
-    (so the scale of the optimizer's steps keeps its meaning); pairs that did not move are
-    redrawn.
+    (so the scale of the optimizer's steps keeps its meaning); a pair that did not move
+    restarts at its first vector.
 
     A stack (*, n, p) has one product per element: ``vectors`` has shape (*, n, k).
 
@@ -83,7 +83,7 @@ class Householder(Rotation):
     @torch.no_grad()
     def restart(self, mask: Tensor | None = None) -> None:
         pert = self.pert
-        *stack, n, k = pert.vectors.shape
+        k = pert.vectors.shape[-1]
         pairs = pert.vectors.to(torch.float64).unflatten(-1, (k // 2, 2))
         travel = pairs[..., 1] - pairs[..., 0]
         # keep each pair's current length: the optimizer's steps were sized for it (a reset to
@@ -91,10 +91,10 @@ class Householder(Rotation):
         scale = pairs.norm(dim=-3).mean(-1).unsqueeze(-2)
         norms = travel.norm(dim=-2, keepdim=True)
         still = norms < 1e-3 * scale
-        anchors = travel * (scale / norms.clamp_min(1e-300))
-        if bool(still.any()):  # a draw costs as much as the rest of this restart: only if needed
-            fresh = torch.randn(*stack, n, k // 2, generator=pert.rng(), dtype=torch.float64)
-            anchors = torch.where(still, fresh.mul_(pert.init_scale), anchors)
+        # a pair that barely moved stays where it is: a fresh random direction would receive
+        # the optimizer's kept moments of another direction and turn at random, which threw
+        # converged runs back up (see the Orthogonal page of the documentation)
+        anchors = torch.where(still, pairs[..., 0], travel * (scale / norms.clamp_min(1e-300)))
         self._write(anchors, mask)
 
     def _write(self, anchors: Tensor, mask: Tensor | None) -> None:
