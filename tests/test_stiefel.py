@@ -211,3 +211,18 @@ def test_the_orthogonal_page_example_runs_and_keeps_the_property(capsys):
     assert capsys.readouterr().out.split() == ["True", "True"]
     assert _gram_error(namespace["lin"].weight) < 1e-5
     assert namespace["lin"].weight.shape == (64, 256)
+
+
+@pytest.mark.parametrize("shape", [(30, 8), (8, 30), (3, 9, 9)])
+def test_correction_reorthonormalizes_a_drifted_base(shape):
+    module = Weight(_stiefel(shape, 0))
+    pert = p4opt.register(module, "weight", p4opt.Orthogonal(seed=0, correct_every=1))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # rounding drift of many merges, exaggerated
+        pert.base.add_(1e-6 * torch.randn(shape, generator=g, dtype=torch.float64))
+    drifted = pert.base.detach().clone()
+    assert _gram_error(drifted) > 1e-7
+    figures = pert.correct()
+    assert figures["orthogonality_error"] < 1e-14 and _gram_error(pert.base) < 1e-14
+    assert (pert.base - drifted).abs().max() < 1e-5  # a small fix, not a new point
+    assert pert.merge().corrected  # and on the merge schedule
