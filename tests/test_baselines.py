@@ -10,6 +10,7 @@ import torch
 from p4opt.studies import baselines
 from p4opt.studies.baselines import MissingDependencyError, constraint_errors
 from p4opt.studies.tasks import random_orthogonal
+from p4opt.studies.tasks.stiefel import random_stiefel
 
 ORTHOGONAL = [m.name for m in baselines.methods("orthogonal")]
 INVERTIBLE = [m.name for m in baselines.methods("invertible")]
@@ -125,6 +126,26 @@ def test_get_unknown_method_names_the_known_ones() -> None:
     assert baselines.get("linear") is baselines.REFERENCE
 
 
-def test_non_square_init_is_rejected() -> None:
-    with pytest.raises(ValueError, match="square"):
-        baselines.get("dense").build(torch.zeros(3, 4))
+def test_non_matrix_init_is_rejected() -> None:
+    with pytest.raises(ValueError, match="must be a matrix"):
+        baselines.get("dense").build(torch.zeros(3))
+
+
+@pytest.mark.parametrize("shape", [(12, 4), (4, 12)])
+@pytest.mark.parametrize("name", ORTHOGONAL)
+def test_orthogonal_peer_trains_a_stiefel_weight(name: str, shape: tuple[int, int]) -> None:
+    method = _method(name)
+    init = random_stiefel(*shape, torch.Generator().manual_seed(1)).float()
+    holder = method.build(init, seed=0)
+    assert holder.weight().shape == shape
+    assert float((holder.weight().detach() - init).abs().max()) <= 1e-6
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(32, shape[1], generator=g)
+    y = torch.randn(32, shape[0], generator=g)
+    opt = holder.optimizer(method.lr_grid[1])
+    for _ in range(5):
+        (x @ holder.weight().mT - y).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert float((holder.weight().detach() - init).abs().max()) > 1e-3  # it trained
+    assert constraint_errors(holder, "orthogonal")["orthogonality"] <= 1e-5

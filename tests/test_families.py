@@ -28,6 +28,10 @@ FAMILIES: dict[str, Callable[[], p4opt.Perturbation]] = {
     "invertible-factored-rank3": lambda: p4opt.Invertible(update="factored", rank=3, seed=1),
     "orthogonal-householder": lambda: p4opt.Orthogonal("householder", rank=4, seed=1),
     "orthogonal-givens": lambda: p4opt.Orthogonal("givens", seed=1),
+    "orthogonal-stiefel-tall": lambda: p4opt.Orthogonal("householder", rank=4, seed=1),
+    "orthogonal-stiefel-wide": lambda: p4opt.Orthogonal("householder", rank=4, seed=1),
+    "orthogonal-givens-stiefel": lambda: p4opt.Orthogonal("givens", seed=1),
+    "orthogonal-stack": lambda: p4opt.Orthogonal("householder", rank=4, seed=1),
     "positive-definite": lambda: p4opt.PositiveDefinite(seed=1),  # projected, rank n
     "positive-definite-factored": lambda: p4opt.PositiveDefinite(update="factored", rank=2, seed=1),
     "special-linear": lambda: p4opt.SpecialLinear(seed=1),
@@ -43,29 +47,58 @@ FAMILIES: dict[str, Callable[[], p4opt.Perturbation]] = {
         torch.zeros(4, dtype=torch.float64),
     ),
 }
+#: Weight shapes other than (N, N): (out, in) of the layer, or a stack (S, N, N) of weights.
+SHAPES: dict[str, tuple[int, ...]] = {
+    "orthogonal-stiefel-tall": (N + 3, N),
+    "orthogonal-stiefel-wide": (N - 2, N),
+    "orthogonal-givens-stiefel": (N - 2, N),
+    "orthogonal-stack": (3, N, N),
+}
 OPTIMIZERS = {
     "sgd": lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9),
     "adam": lambda params: torch.optim.Adam(params, lr=1e-2),
 }
 
 
-def _model(family: str) -> tuple[torch.nn.Linear, p4opt.Perturbation]:
+class StackedLinear(torch.nn.Module):
+    """A sum of ``S`` linear maps: ``weight`` is a stack (S, N, N), plus one bias."""
+
+    def __init__(self, stack: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(0.1 * torch.randn(stack, N, N, dtype=torch.float64))
+        self.bias = torch.nn.Parameter(torch.zeros(N, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bi,sji->bj", x, self.weight) + self.bias
+
+
+def _model(family: str) -> tuple[torch.nn.Module, p4opt.Perturbation]:
     torch.manual_seed(0)
-    lin = torch.nn.Linear(N, N, dtype=torch.float64)
+    shape = SHAPES.get(family, (N, N))
+    if len(shape) == 2:
+        lin = torch.nn.Linear(shape[1], shape[0], dtype=torch.float64)
+    else:
+        lin = StackedLinear(shape[0])
     with torch.no_grad():  # feasible-ish start for every family: near the identity
-        lin.weight.add_(torch.eye(N, dtype=torch.float64))
+        lin.weight.add_(torch.eye(*shape[-2:], dtype=torch.float64))
     return lin, p4opt.register(lin, "weight", FAMILIES[family]())
 
 
-def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(step: int, out: int = N) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
     x = torch.randn(16, N, generator=g, dtype=torch.float64)
-    return x, x.flip(-1) + 0.1 * torch.randn(16, N, generator=g, dtype=torch.float64)
+    target = torch.cat([x.flip(-1), x], dim=-1)[:, :out]
+    return x, target + 0.1 * torch.randn(16, out, generator=g, dtype=torch.float64)
+
+
+def _out(lin: torch.nn.Module) -> int:
+    """The layer's output size."""
+    return lin.weight.shape[-2]
 
 
 def _train(lin, opt, steps: int, start: int = 0) -> None:
     for step in range(start, start + steps):
-        x, y = _batch(step)
+        x, y = _batch(step, _out(lin))
         (lin(x) - y).square().mean().backward()
         opt.step()
         opt.zero_grad()
@@ -77,7 +110,7 @@ def test_constraint_holds_while_training(family, optimizer):
     lin, pert = _model(family)
     assert pert.validate().ok, pert.validate()
     opt = p4opt.P4Optimizer(OPTIMIZERS[optimizer](lin.parameters()), merge_every=3)
-    x, y = _batch(-1)
+    x, y = _batch(-1, _out(lin))
     before = float((lin(x) - y).square().mean().detach())
     _train(lin, opt, 12)
     assert opt.stats["merges_accepted"] == 4, opt.last_results
@@ -161,7 +194,7 @@ def test_training_recovers_after_one_nan_gradient(family):
     # merging every step catches the NaN before the next forward pass spreads it to the bias
     opt = p4opt.P4Optimizer(torch.optim.Adam(lin.parameters(), lr=1e-2), merge_every=1)
     for step in range(8):
-        x, y = _batch(step)
+        x, y = _batch(step, _out(lin))
         (lin(x) - y).square().mean().backward()
         if step == 2:  # a NaN gradient on the perturbation (the plain bias stays clean)
             pert.trainable()[0].grad.fill_(float("nan"))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from p4opt import linalg
 from p4opt.studies import tasks
-from p4opt.studies.tasks import GaussianML, Procrustes, TeacherRNN
+from p4opt.studies.tasks import GaussianML, Procrustes, StiefelTall, StiefelWide, TeacherRNN
 
 
 def _skew(n: int, scale: float, seed: int) -> torch.Tensor:
@@ -66,9 +67,12 @@ def test_tasks_are_seeded_and_start_feasible(name: str) -> None:
     assert torch.equal(a.initial(), b.initial())
     assert float(a.objective(a.initial())) == float(b.objective(b.initial()))
     start = a.initial().double()
+    assert start.shape == a.solution().shape == a.shape
     if a.family == "orthogonal":
-        assert float((start.mT @ start - torch.eye(6, dtype=torch.float64)).abs().max()) <= 1e-6
-        assert float(torch.det(start)) == pytest.approx(float(torch.det(a.solution())), abs=1e-6)
+        assert float(linalg.orthogonality_error(start)) <= 1e-6
+        if start.shape[0] == start.shape[1]:  # one connected component of O(n)
+            det = float(torch.det(a.solution()))
+            assert float(torch.det(start)) == pytest.approx(det, abs=1e-6)
     else:
         assert float(torch.det(start)) > 0
     assert tasks.make(name, 6, seed=5).relative(0.0) <= 0.0
@@ -79,3 +83,20 @@ def test_make_rejects_unknown_task_and_bad_size() -> None:
         tasks.make("nope", 4)
     with pytest.raises(ValueError, match="n must be"):
         tasks.make("procrustes", 1)
+
+
+@pytest.mark.parametrize("cls", [StiefelTall, StiefelWide])
+def test_stiefel_truth_is_the_unique_zero_of_the_loss(cls) -> None:
+    task = cls(16, seed=4, dtype=torch.float64)
+    assert task.shape == ((16, 4) if cls is StiefelTall else (4, 16))
+    for w in (task.solution(), task.initial()):  # both on the Stiefel manifold
+        gram = w.mT @ w if w.shape[0] > w.shape[1] else w @ w.mT
+        assert float((gram - torch.eye(4, dtype=w.dtype)).abs().max()) <= 1e-12
+    assert float(task.objective(task.solution())) <= 1e-28
+    assert task.relative(float(task.objective(task.initial()))) > 0.5
+    truth = task.solution()
+    long = max(truth.shape)
+    for seed in range(3):  # a rotation of the long side moves the span: the loss rises
+        rot = torch.linalg.matrix_exp(_skew(long, 1e-3, seed))
+        moved = rot @ truth if cls is StiefelTall else truth @ rot
+        assert float(task.objective(moved)) > 1e-10

@@ -1,4 +1,4 @@
-r"""P⁴ orthogonal family: square orthogonal weights trained through :math:`Q \leftarrow Q\,G(B)`."""
+r"""P⁴ orthogonal family: orthogonal and Stiefel weights trained through rotations :math:`G(B)`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from p4opt import linalg as rotations
 from p4opt._typing import Tensor
 from p4opt._validate import check_choice, check_number
-from p4opt.errors import ShapeError, describe
+from p4opt.errors import P4ValueError, ShapeError, describe
 from p4opt.families.rotations import METHODS, Rotation, default_rank
 from p4opt.perturbation import Perturbation, Proposal, ValidationReport
 
@@ -21,9 +21,19 @@ Group = Literal["SO", "O"]
 
 
 class Orthogonal(Perturbation):
-    r"""Orthogonal square matrices trained by right-multiplying rotations (P⁴ orthogonal).
+    r"""Orthogonal and Stiefel matrices trained by multiplying rotations (P⁴ orthogonal).
 
-    .. math:: R_B(Q) = Q\, G(B), \qquad G(B) \in SO(n), \qquad G(B_0) = I
+    .. math:: R_B(Q) = Q\, G(B)\ (n \le p), \qquad R_B(Q) = G(B)^T Q\ (n > p),
+              \qquad G(B) \in SO(\max(n, p)), \qquad G(B_0) = I
+
+    A square weight (n, n) is an orthogonal matrix. A rectangular weight (n, p) is a point
+    of the Stiefel manifold: orthonormal columns (:math:`Q^TQ = I_p`) when ``n > p``,
+    orthonormal rows (:math:`QQ^T = I_n`) when ``n < p``. The rotation acts on the long
+    side, the only side from which every Stiefel point can be reached (a rotation of the
+    short side alone keeps the span of the columns, or rows, fixed). A stack (*, n, p), for
+    example a convolution weight (out, in, k, k) or a batch of problems, is a stack of such
+    matrices, each with its own rotation, merged and validated element by element
+    (``method="householder"`` only).
 
     The rotation :math:`G` is a strategy chosen by ``method``:
     :class:`~p4opt.families.rotations.Householder` (products of reflection pairs in compact
@@ -31,8 +41,9 @@ class Orthogonal(Perturbation):
     :class:`~p4opt.families.rotations.Givens` (rotations on disjoint coordinate pairs,
     :math:`O(n^2)`).
 
-    Registration maps the tensor to the nearest orthogonal matrix (its polar factor) when it
-    is not orthogonal to within ``100 n`` machine epsilons; with ``group="SO"`` a matrix with
+    Registration maps each matrix to the nearest orthogonal (or Stiefel) matrix, its polar
+    factor, when its orthogonality error exceeds the tolerance of :meth:`validate` (or
+    ``100 max(n, p)`` machine epsilons if smaller); with ``group="SO"`` a matrix with
     :math:`\det < 0` is mapped to the nearest matrix of :math:`SO(n)`. Merges are computed in
     float64 and rounded into the layer's dtype; every ``correct_every`` merges the base is
     re-orthonormalized by Newton–Schulz polar steps (:math:`O(n^3)`). The optimizer's state is
@@ -42,11 +53,15 @@ class Orthogonal(Perturbation):
     Parameters
     ----------
     method : {"householder", "givens"}
+        ``"givens"`` takes single matrices, square or rectangular (no stacks).
     rank : int, optional
-        Number of reflections (even, ``2 <= k <= 4n``) for ``"householder"``; default
-        :func:`default_rank`. Must be left out for ``"givens"``.
-    group : {"SO", "O"}
-        Feasible set: the rotations (default) or all orthogonal matrices.
+        Number of reflections (even, ``2 <= k <= 4 max(n, p)``) for ``"householder"``;
+        default :func:`default_rank` ``(n, p)``. Must be left out for ``"givens"``.
+    group : {"SO", "O"}, optional
+        Feasible set of a square weight: the rotations (the default) or all orthogonal
+        matrices. A rectangular weight has no determinant: its Stiefel manifold is connected
+        and ``group`` must be left out (or ``"O"``); ``"SO"`` raises
+        :class:`~p4opt.errors.P4ValueError` at registration.
     correct_every : int or None
         Merges between re-orthonormalizations; ``None`` disables them.
     init_scale : float
@@ -78,24 +93,33 @@ class Orthogonal(Perturbation):
     (True, True)
     >>> pert.validate().ok
     True
+
+    A rectangular weight keeps orthonormal columns (here 8 inputs, 3 outputs: rows):
+
+    >>> lin = torch.nn.Linear(8, 3, bias=False, dtype=torch.float64)
+    >>> pert = p4opt.register(lin, "weight", p4opt.Orthogonal(rank=4))
+    >>> w = lin.weight.detach()
+    >>> float((w @ w.T - torch.eye(3)).abs().max()) < 1e-14, pert.validate().ok
+    (True, True)
     """
 
     default_merge_every: ClassVar[int] = 7
     reset_optimizer_state: ClassVar[bool] = False
+    element_ndim: ClassVar[int | None] = 2
 
     def __init__(
         self,
         method: Method = "householder",
         rank: int | None = None,
         *,
-        group: Group = "SO",
+        group: Group | None = None,
         correct_every: int | None = 50,
         init_scale: float = 1.0,
         seed: int | None = None,
     ) -> None:
         super().__init__(seed=seed, correct_every=correct_every)
         self.method = check_choice("method", method, tuple(METHODS))
-        self.group = check_choice("group", group, ("SO", "O"))
+        self._group = None if group is None else check_choice("group", group, ("SO", "O"))
         self.init_scale = check_number("init_scale", init_scale, positive=True)
         self.strategy: Rotation = METHODS[method](self, rank)
 
@@ -103,25 +127,53 @@ class Orthogonal(Perturbation):
     def rank(self) -> int | None:
         return self.strategy.rank
 
+    @property
+    def group(self) -> Group | None:
+        """The feasible group of a square weight (``"SO"`` by default); ``None`` for Stiefel."""
+        if self._group is None and self.is_registered and self._rectangular:
+            return None
+        return self._group or "SO"
+
+    @property
+    def _rectangular(self) -> bool:
+        return self.base.shape[-1] != self.base.shape[-2]
+
+    @property
+    def _special(self) -> bool:
+        return self.group == "SO"
+
     # ------------------------------------------------------------ registration
     def attach(self, value: Tensor) -> Tensor:
-        """Check that ``value`` is square; return its nearest orthogonal matrix (see class doc)."""
-        if value.ndim != 2 or value.shape[0] != value.shape[1]:
+        """Check the shape (*, n, p); return the nearest orthogonal matrices (see class doc)."""
+        if value.ndim < 2:
             raise ShapeError(
-                f"Orthogonal needs a square matrix, but {self.where} is a {describe(value)}"
+                f"Orthogonal needs a matrix (n, p) or a stack (*, n, p), but {self.where} is "
+                f"a {describe(value)}"
             )
-        n = value.shape[0]
-        self.strategy.create(value, n)
+        n, p = value.shape[-2:]
+        if n != p and self._group == "SO":
+            raise P4ValueError(
+                f"group='SO' needs a square weight, but {self.where} is {n}×{p}: leave group "
+                "out for a rectangular (Stiefel) weight"
+            )
+        if value.ndim > 2 and not self.strategy.stacks:
+            raise P4ValueError(
+                f"method={self.method!r} takes a single matrix, but {self.where} is a stack "
+                f"{describe(value)}: use method='householder' for stacks"
+            )
+        self.strategy.create(value, max(n, p))
         self.identity()
         if value.device.type == "meta":  # shapes only; the values arrive by load_state_dict
             return value
         matrix = value.detach().to(torch.float64)
-        special = self.group == "SO"
-        tol = min(100 * n * torch.finfo(value.dtype).eps, 1e-3)  # bfloat16: 100 n eps > 1
-        if float(rotations.orthogonality_error(matrix)) > tol or (
-            special and float(torch.linalg.det(matrix)) < 0
-        ):
-            matrix = rotations.polar_factor(matrix, special=special)
+        special = self._group != "O" and n == p
+        tol = min(100 * max(n, p) * torch.finfo(value.dtype).eps, _tolerance(value.dtype))
+        bad = rotations.orthogonality_error(matrix) > tol
+        if special:
+            bad |= torch.linalg.det(matrix) < 0
+        if bool(bad.any()):
+            projected = rotations.polar_factor(matrix, special=special)
+            matrix = torch.where(bad[..., None, None], projected, matrix)
         return matrix.to(value.dtype)
 
     # ---------------------------------------------------------------- contract
@@ -130,30 +182,37 @@ class Orthogonal(Perturbation):
         self.strategy.identity()
 
     def apply(self, base: Tensor) -> Tensor:
-        """:math:`QG(B)` in the layer's dtype."""
+        """:math:`QG(B)`, or :math:`G(B)^TQ` for a tall weight, in the layer's dtype."""
+        if base.shape[-2] > base.shape[-1]:  # orthonormal columns: rotate the long side
+            return self.strategy.rotate(base.mT).mT
         return self.strategy.rotate(base)
 
     def rotate(self, x: Tensor) -> Tensor:
-        """Apply :math:`G(B)` to vectors ``x[..., n]`` (returns :math:`xG`)."""
+        """Apply :math:`G(B)` to vectors ``x[..., m]``, ``m = max(n, p)`` (returns :math:`xG`)."""
         return self.strategy.rotate(x)
 
     def propose(self) -> Proposal:
-        """The rotated base :math:`QG` in float64 (the template rejects it if not finite)."""
-        return Proposal(candidate=self.strategy.rotate(self.base.to(torch.float64)))
+        """The rotated base in float64 (the template rejects non-finite elements)."""
+        return Proposal(candidate=self.apply(self.base.to(torch.float64)))
 
     def restart(self, mask: Tensor, folded: bool) -> None:
+        args = (mask,) if self._stack_shape() else ()  # stacks restart element by element
         if folded:
-            self.strategy.restart()
+            self.strategy.restart(*args)
         else:
-            self.strategy.identity()
+            self.strategy.identity(*args)
 
     @torch.no_grad()
     def correct(self) -> dict[str, float]:
         """Re-orthonormalize the base (Newton–Schulz polar steps); cost :math:`O(n^3)`."""
-        special = self.group == "SO"
-        q, err = rotations.refine_orthogonal(self.base.to(torch.float64), special=special)
+        base = self.base.to(torch.float64)
+        q, err = rotations.refine_orthogonal(base, special=self._special)
         if math.isfinite(err):
             self.base.copy_(q.to(self.base.dtype))
+        elif base.ndim > 2:  # keep the elements that came out finite
+            finite = torch.isfinite(q).flatten(-2).all(-1)
+            self.base.copy_(torch.where(finite[..., None, None], q, base).to(self.base.dtype))
+            err = float(rotations.orthogonality_error(q[finite]).amax(initial=0.0))
         return {"orthogonality_error": err}
 
     def dtype_changed(self, old: torch.dtype, new: torch.dtype) -> None:
@@ -163,21 +222,25 @@ class Orthogonal(Perturbation):
 
     @torch.no_grad()
     def validate(self) -> ValidationReport:
-        r"""Orthogonality error :math:`\lVert W^TW - I\rVert_{\max}` of :math:`W = QG` and det sign.
+        r"""Orthogonality error of :math:`W = R_B(Q)` and, for ``group="SO"``, its det sign.
 
-        Computed in float64 from the layer's tensors; tolerances ``1e-10`` for float64
-        layers and ``1e-5`` otherwise. For ``group="SO"`` the figure ``det_sign_error`` is 1
-        when :math:`\det W < 0`. Cost :math:`O(n^3)`.
+        The error is :math:`\lVert W^TW - I_p\rVert_{\max}` (:math:`\lVert WW^T -
+        I_n\rVert_{\max}` for a wide weight), the largest over a stack, computed in float64
+        from the layer's tensors; tolerances ``1e-10`` for float64 layers and ``1e-5``
+        otherwise. For ``group="SO"`` the figure ``det_sign_error`` is 1 when some
+        :math:`\det W < 0`. Cost :math:`O(np\min(n, p))` per matrix.
         """
         w = self.current().to(torch.float64)
-        sign = float(torch.linalg.slogdet(w)[0])
-        tol = 1e-10 if self.base.dtype == torch.float64 else 1e-5
-        error = float(rotations.orthogonality_error(w))
-        figures = {"orthogonality_error": error, "det_sign": sign}
+        tol = _tolerance(self.base.dtype)
+        error = float(rotations.orthogonality_error(w).amax())
+        figures = {"orthogonality_error": error}
         tolerances = {"orthogonality_error": tol}
-        if self.group == "SO":
-            figures["det_sign_error"] = 0.0 if sign > 0 else 1.0
-            tolerances["det_sign_error"] = 0.5
+        if not self._rectangular:
+            sign = float(torch.linalg.slogdet(w)[0].amin())
+            figures["det_sign"] = sign
+            if self._special:
+                figures["det_sign_error"] = 0.0 if sign > 0 else 1.0
+                tolerances["det_sign_error"] = 0.5
         return ValidationReport(where=self.where, figures=figures, tolerances=tolerances)
 
     def extra_repr(self) -> str:
@@ -186,3 +249,8 @@ class Orthogonal(Perturbation):
             f"method={self.method!r}{self.strategy.describe()}, group={self.group!r}, "
             f"correct_every={every}"
         )
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    """Largest orthogonality error :meth:`Orthogonal.validate` accepts for a layer dtype."""
+    return 1e-10 if dtype == torch.float64 else 1e-5

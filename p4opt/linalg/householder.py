@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from p4opt._typing import Tensor
+from p4opt.errors import ShapeError
 from p4opt.linalg._common import _eye_like
 
 __all__ = ["householder_wy", "householder_wy_inverse", "householder_apply"]
@@ -105,13 +106,15 @@ def householder_apply(x: Tensor, w: Tensor) -> Tensor:
 
     Parameters
     ----------
-    x : Tensor, shape (..., n)
+    x : Tensor, shape (..., n), or (*, B, n) when ``w`` is a stack
         Vectors, or the rows of a matrix :math:`Q` (then the result is :math:`QG`).
-    w : Tensor, shape (n, k)
+    w : Tensor, shape (n, k) or (*, n, k)
+        Reflection vectors as columns; a stack (*, n, k) gives one product per element,
+        applied to the matching element of ``x`` (same leading shape ``*``).
 
     Returns
     -------
-    Tensor, shape (..., n)
+    Tensor, same shape as ``x``
         Cost :math:`O(B n k + n k^2)` for ``B`` vectors (:math:`O(n^2 k)` for a
         square :math:`Q`); differentiable in ``x`` and ``w``.
 
@@ -124,7 +127,17 @@ def householder_apply(x: Tensor, w: Tensor) -> Tensor:
     >>> torch.allclose(householder_apply(torch.eye(5, dtype=torch.float64), w), h[0] @ h[1])
     True
     """
-    if x.ndim != 2:
+    if w.ndim > 2:  # a stack: one product per element, batched into one (S, B, n) call
+        stack = w.shape[:-2]
+        if x.ndim != w.ndim or x.shape[:-2] != stack:
+            raise ShapeError(
+                f"householder_apply: x must have shape (*, B, n) with * = {tuple(stack)} "
+                f"matching w, got {tuple(x.shape)}"
+            )
+        if w.ndim > 3:
+            flat = householder_apply(x.flatten(0, -3), w.flatten(0, -3))
+            return flat.reshape(x.shape)
+    elif x.ndim != 2:
         return householder_apply(x.reshape(-1, x.shape[-1]), w).reshape(x.shape)
     low = x.dtype in _LOW or w.dtype in _LOW
     autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
@@ -132,7 +145,8 @@ def householder_apply(x: Tensor, w: Tensor) -> Tensor:
         # the triangular solve has no half-precision kernels: run the product in float32
         with torch.autocast(device_type=x.device.type, enabled=False):
             x32, w32 = (x.float(), w.float()) if low else (x, w)
-            out = _HouseholderApply.apply(x32, w32, _wy_mask(w32.shape[-1], w32.dtype, w.device))[0]
+            mask = _wy_mask(w32.shape[-1], w32.dtype, w.device)
+            out = _HouseholderApply.apply(x32, w32, mask)[0]
         return out.to(x.dtype)
     return _HouseholderApply.apply(x, w, _wy_mask(w.shape[-1], w.dtype, w.device))[0]
 
@@ -141,7 +155,9 @@ _LOW = (torch.float16, torch.bfloat16)
 
 
 class _HouseholderApply(torch.autograd.Function):
-    r"""Forward and hand-written backward of :func:`householder_apply` for ``x`` of shape (B, n).
+    r"""Forward and hand-written backward of :func:`householder_apply` for ``x`` (B, n).
+
+    Also takes a stack: ``x`` (S, B, n) with ``w`` (S, n, k), one product per element.
 
     With :math:`S = M\circ W^TW`, :math:`Z = (xW)S^{-1}`, output :math:`x - ZW^T`
     and incoming gradient :math:`\bar G`: :math:`P = \bar G W S^{-T}`,
@@ -155,7 +171,7 @@ class _HouseholderApply(torch.autograd.Function):
     def forward(x: Tensor, w: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         s = (w.mT @ w) * mask
         z = torch.linalg.solve_triangular(s, x @ w, upper=True, left=False)
-        return torch.addmm(x, z, w.mT, alpha=-1), s, z
+        return _addmm(x, z, w.mT, alpha=-1), s, z
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: tuple[Tensor, ...]) -> None:
@@ -171,10 +187,17 @@ class _HouseholderApply(torch.autograd.Function):
     ) -> tuple[Tensor | None, Tensor | None, None]:
         x, w, mask, s, z = ctx.saved_tensors
         p = torch.linalg.solve_triangular(s.mT, grad @ w, upper=False, left=False)
-        grad_x = torch.addmm(grad, p, w.mT, alpha=-1) if ctx.needs_input_grad[0] else None
+        grad_x = _addmm(grad, p, w.mT, alpha=-1) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
             sbar = (z.mT @ p).mul_(mask)
-            grad_w = torch.addmm(w @ (sbar + sbar.mT), grad.mT, z, alpha=-1)
-            grad_w = torch.addmm(grad_w, x.mT, p, alpha=-1)
+            grad_w = _addmm(w @ (sbar + sbar.mT), grad.mT, z, alpha=-1)
+            grad_w = _addmm(grad_w, x.mT, p, alpha=-1)
         return grad_x, grad_w, None
+
+
+def _addmm(c: Tensor, a: Tensor, b: Tensor, alpha: float) -> Tensor:
+    """``c + alpha * a @ b`` for matrices or stacks (S, ., .) of matrices."""
+    if c.ndim == 2:
+        return torch.addmm(c, a, b, alpha=alpha)
+    return torch.baddbmm(c, a, b, alpha=alpha)

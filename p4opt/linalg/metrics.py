@@ -13,19 +13,23 @@ __all__ = ["orthogonality_error", "sum_complement"]
 
 
 def orthogonality_error(q: Tensor) -> Tensor:
-    r"""Largest entry of :math:`Q^T Q - I`, one figure per matrix of a batch.
+    r"""Largest entry of :math:`Q^T Q - I` (or :math:`QQ^T - I`), one figure per matrix.
 
-    .. math:: e(Q) = \lVert Q^T Q - I \rVert_{\max}
+    .. math:: e(Q) = \lVert Q^T Q - I_p \rVert_{\max} \ (n \ge p), \qquad
+              e(Q) = \lVert Q Q^T - I_n \rVert_{\max} \ (n < p)
+
+    The smaller Gram matrix is used, so a tall matrix is measured on its columns and a
+    wide one on its rows (a point of the Stiefel manifold either way).
 
     Parameters
     ----------
-    q : Tensor, shape (*, n, n)
+    q : Tensor, shape (*, n, p)
         Any floating dtype.
 
     Returns
     -------
     Tensor, shape (*)
-        Same dtype as ``q``. Cost :math:`O(n^3)` (one product).
+        Same dtype as ``q``. Cost :math:`O(n p \min(n, p))` (one product).
 
     Examples
     --------
@@ -34,8 +38,10 @@ def orthogonality_error(q: Tensor) -> Tensor:
     0.0
     >>> orthogonality_error(2 * torch.eye(2, dtype=torch.float64).expand(3, 2, 2))
     tensor([3., 3., 3.], dtype=torch.float64)
+    >>> float(orthogonality_error(torch.eye(5, dtype=torch.float64)[:2]))   # orthonormal rows
+    0.0
     """
-    gram = q.mT @ q
+    gram = q @ q.mT if q.shape[-2] < q.shape[-1] else q.mT @ q
     return (gram - _eye_like(gram)).abs().amax(dim=(-2, -1))
 
 

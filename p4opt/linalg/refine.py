@@ -152,17 +152,19 @@ def polar_factor(a: Tensor, special: bool = False) -> Tensor:
 
     With ``special=True`` the sign of the last entry of :math:`D` (the
     smallest singular value) is chosen so that :math:`\det Q = +1`, which gives
-    the nearest matrix of :math:`SO(n)`; otherwise :math:`D = I`.
+    the nearest matrix of :math:`SO(n)`; otherwise :math:`D = I`. A rectangular
+    ``a`` (thin SVD) gives the nearest matrix with orthonormal columns (``n > p``) or
+    rows (``n < p``), a point of the Stiefel manifold; ``special`` needs a square ``a``.
 
     Parameters
     ----------
-    a : Tensor, shape (*, n, n)
+    a : Tensor, shape (*, n, p)
     special : bool
 
     Returns
     -------
-    Tensor, shape (*, n, n)
-        Same dtype as ``a``. Cost :math:`O(n^3)` (one SVD).
+    Tensor, shape (*, n, p)
+        Same dtype as ``a``. Cost :math:`O(np\min(n, p))` (one thin SVD).
 
     Examples
     --------
@@ -173,8 +175,12 @@ def polar_factor(a: Tensor, special: bool = False) -> Tensor:
             [ 0., -1.]], dtype=torch.float64)
     >>> torch.linalg.det(polar_factor(a, special=True)).item()
     1.0
+    >>> polar_factor(torch.tensor([[3.0], [4.0]], dtype=torch.float64)).flatten().tolist()
+    [0.6, 0.8]
     """
-    u, _, vh = torch.linalg.svd(a)
+    if special and a.shape[-1] != a.shape[-2]:
+        raise P4ValueError(f"special=True needs square matrices, got shape {tuple(a.shape)}")
+    u, _, vh = torch.linalg.svd(a, full_matrices=False)
     if special:
         sign = torch.sign(torch.linalg.det(u) * torch.linalg.det(vh))
         sign = torch.where(sign == 0, torch.ones_like(sign), sign)
@@ -189,7 +195,9 @@ def newton_schulz_polar_step(q: Tensor) -> Tensor:
 
     Every singular value :math:`\sigma = 1 + \epsilon` becomes
     :math:`1 - \tfrac{3}{2}\epsilon^2 + O(\epsilon^3)`, so the orthogonality error
-    squares; it keeps the sign of the determinant. Cost: two :math:`n^3` products.
+    squares; it keeps the sign of the determinant. The same step moves a rectangular
+    ``q`` (*, n, p) towards orthonormal columns or rows (its polar factor); cost
+    :math:`O(np\min(n, p))`, two :math:`n^3` products for a square ``q``.
 
     Examples
     --------
@@ -198,6 +206,8 @@ def newton_schulz_polar_step(q: Tensor) -> Tensor:
     >>> float(orthogonality_error(newton_schulz_polar_step(q))) < 1e-7
     True
     """
+    if q.shape[-2] < q.shape[-1]:  # wide: the small Gram matrix is q q^T
+        return 1.5 * q - 0.5 * ((q @ q.mT) @ q)
     return 1.5 * q - 0.5 * (q @ (q.mT @ q))
 
 
@@ -208,22 +218,24 @@ def refine_orthogonal(
 
     Parameters
     ----------
-    q : Tensor, shape (*, n, n)
-        A nearly orthogonal matrix (use float64 for bookkeeping accuracy).
+    q : Tensor, shape (*, n, p)
+        A nearly orthogonal matrix, or a nearly orthonormal set of columns (``n > p``)
+        or rows (``n < p``); use float64 for bookkeeping accuracy.
     max_steps : int
         Upper bound on Newton–Schulz steps; stops once the error is below ``tol``
         or stops decreasing.
     tol : float, optional
-        Target :math:`\lVert Q^TQ - I\rVert_{\max}`; default ``10 n`` machine epsilons.
+        Target orthogonality error; default ``10 max(n, p)`` machine epsilons.
     special : bool
         Passed to :func:`polar_factor` on the fallback path (error above 0.5),
         so that a matrix of :math:`SO(n)` stays there.
 
     Returns
     -------
-    q : Tensor, shape (*, n, n)
+    q : Tensor, shape (*, n, p)
     error : float
-        Orthogonality error of the returned matrix. Cost :math:`O(n^3)` per step.
+        Orthogonality error of the returned matrix (the largest over a batch). Cost
+        :math:`O(np\min(n, p))` per step.
 
     Examples
     --------
@@ -234,7 +246,7 @@ def refine_orthogonal(
     >>> err < 1e-14
     True
     """
-    tol = 10 * q.shape[-1] * torch.finfo(q.dtype).eps if tol is None else tol
+    tol = 10 * max(q.shape[-2:]) * torch.finfo(q.dtype).eps if tol is None else tol
     return _refine(
         q,
         step=newton_schulz_polar_step,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from p4opt._typing import Tensor
 
@@ -19,7 +19,16 @@ class Rotation(abc.ABC):
     A strategy creates the trainable tensors on its perturbation, right-multiplies vectors
     by :math:`G` (``rotate``) and restarts the tensors after a merge. It holds no tensors
     itself, so ``state_dict`` and device moves stay the perturbation's business.
+
+    :math:`n` is the long side of the weight: a rectangular weight is rotated on its
+    long side (see :class:`~p4opt.Orthogonal`). A strategy with ``stacks = True`` also
+    serves stacks (*, n, p): one rotation per element, and ``identity(mask)`` /
+    ``restart(mask)`` act on the elements selected by a boolean ``mask`` of the stack's
+    shape.
     """
+
+    #: Whether the strategy serves stacks of matrices (one rotation per element).
+    stacks: ClassVar[bool] = False
 
     def __init__(self, pert: Orthogonal, rank: int | None) -> None:
         self.pert = pert
@@ -27,7 +36,11 @@ class Rotation(abc.ABC):
 
     @abc.abstractmethod
     def create(self, like: Tensor, n: int) -> None:
-        """Create the trainable tensors on the perturbation for ``n × n`` matrices."""
+        """Create the trainable tensors on the perturbation for rotations of size ``n``.
+
+        ``like`` is the registered tensor (its dtype, device and, for a stack, its leading
+        dimensions).
+        """
 
     @abc.abstractmethod
     def identity(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -14,16 +16,25 @@ from p4opt.families.rotations.base import Rotation
 __all__ = ["Householder", "default_rank"]
 
 
-def default_rank(n: int) -> int:
-    """Default number of reflections for size ``n``: ``min(2n, max(64, 65536 // n))``, even.
+def default_rank(n: int, p: int | None = None) -> int:
+    """Default number of reflections for an ``n × p`` weight (square when ``p`` is left out).
+
+    ``min(2m, max(64, 65536 // m), 3s)`` rounded down to even, with ``m = max(n, p)`` the
+    size of the rotation and ``s = min(n, p)``: a rectangular weight needs fewer
+    reflections, the Stiefel manifold having about ``m s`` dimensions (the third bound
+    never binds for a square weight).
 
     Examples
     --------
     >>> [default_rank(n) for n in (8, 64, 128, 256, 512, 2048)]
     [16, 128, 256, 256, 128, 64]
+    >>> default_rank(256, 64), default_rank(64, 256), default_rank(20, 10)
+    (192, 192, 30)
     """
-    k = min(2 * n, max(64, 65536 // n))
-    return k - k % 2
+    p = n if p is None else p
+    m, s = max(n, p), min(n, p)
+    k = min(2 * m, max(64, 65536 // m), 3 * s)
+    return max(2, k - k % 2)
 
 
 class Householder(Rotation):
@@ -35,14 +46,18 @@ class Householder(Rotation):
 
     After a merge each pair :math:`(a_i, b_i)` restarts at :math:`(v_i, v_i)` with
     :math:`v_i` along its direction of travel :math:`b_i - a_i` and the pair's current length
-    (so the scale of the optimizer's steps keeps its meaning); pairs that did not move are
-    redrawn.
+    (so the scale of the optimizer's steps keeps its meaning); a pair that did not move
+    restarts at its first vector.
+
+    A stack (*, n, p) has one product per element: ``vectors`` has shape (*, n, k).
 
     References
     ----------
     R. Schreiber, C. Van Loan, "A storage-efficient WY representation for products of
     Householder transformations", SIAM J. Sci. Stat. Comput. 10 (1989).
     """
+
+    stacks: ClassVar[bool] = True
 
     def __init__(self, pert, rank):  # type: ignore[no-untyped-def]
         if rank is not None:
@@ -51,35 +66,44 @@ class Householder(Rotation):
 
     def create(self, like: Tensor, n: int) -> None:
         pert = self.pert
-        k = self.rank if self.rank is not None else default_rank(n)
+        k = self.rank if self.rank is not None else default_rank(n, min(like.shape[-2:]))
         if k > 4 * n:
             raise P4ValueError(f"rank {k} exceeds 4 n = {4 * n} for {pert.where}")
         if "vectors" not in pert._parameters:
-            pert.vectors = nn.Parameter(torch.zeros(n, k, dtype=like.dtype, device=like.device))
+            shape = (*like.shape[:-2], n, k)
+            pert.vectors = nn.Parameter(torch.zeros(shape, dtype=like.dtype, device=like.device))
 
     @torch.no_grad()
-    def identity(self) -> None:
+    def identity(self, mask: Tensor | None = None) -> None:
         pert = self.pert
-        n, k = pert.vectors.shape
-        fresh = torch.randn(n, k // 2, generator=pert.rng(), dtype=torch.float64)
-        pert.vectors.copy_(fresh.mul_(pert.init_scale).repeat_interleave(2, dim=1))
+        *stack, n, k = pert.vectors.shape
+        fresh = torch.randn(*stack, n, k // 2, generator=pert.rng(), dtype=torch.float64)
+        self._write(fresh.mul_(pert.init_scale), mask)
 
     @torch.no_grad()
-    def restart(self) -> None:
+    def restart(self, mask: Tensor | None = None) -> None:
         pert = self.pert
-        n, k = pert.vectors.shape
-        pairs = pert.vectors.to(torch.float64).unflatten(1, (k // 2, 2))
-        travel = pairs[:, :, 1] - pairs[:, :, 0]
+        k = pert.vectors.shape[-1]
+        pairs = pert.vectors.to(torch.float64).unflatten(-1, (k // 2, 2))
+        travel = pairs[..., 1] - pairs[..., 0]
         # keep each pair's current length: the optimizer's steps were sized for it (a reset to
         # the initial length would turn the planes by ~1 radian per step at large learning rates)
-        scale = pairs.norm(dim=0).mean(-1)
-        norms = travel.norm(dim=0)
+        scale = pairs.norm(dim=-3).mean(-1).unsqueeze(-2)
+        norms = travel.norm(dim=-2, keepdim=True)
         still = norms < 1e-3 * scale
-        anchors = travel * (scale / norms.clamp_min(1e-300))
-        if bool(still.any()):  # a draw costs as much as the rest of this restart: only if needed
-            fresh = torch.randn(n, k // 2, generator=pert.rng(), dtype=torch.float64)
-            anchors = torch.where(still, fresh.mul_(pert.init_scale), anchors)
-        pert.vectors.copy_(anchors.repeat_interleave(2, dim=1))
+        # a pair that barely moved stays where it is: a fresh random direction would receive
+        # the optimizer's kept moments of another direction and turn at random, which threw
+        # converged runs back up (see the Orthogonal page of the documentation)
+        anchors = torch.where(still, pairs[..., 0], travel * (scale / norms.clamp_min(1e-300)))
+        self._write(anchors, mask)
+
+    def _write(self, anchors: Tensor, mask: Tensor | None) -> None:
+        """Set the selected elements' pairs to ``(v, v)`` for the columns ``v`` of ``anchors``."""
+        vectors = self.pert.vectors
+        new = anchors.repeat_interleave(2, dim=-1).to(vectors.dtype)
+        if mask is not None:
+            new = torch.where(mask[..., None, None].to(vectors.device), new, vectors)
+        vectors.copy_(new)
 
     def rotate(self, x: Tensor) -> Tensor:
         vectors = self.pert.vectors
@@ -94,4 +118,4 @@ class Householder(Rotation):
 
     def describe(self) -> str:
         vectors = self.pert._parameters.get("vectors")
-        return "" if vectors is None else f", rank={vectors.shape[1]}"
+        return "" if vectors is None else f", rank={vectors.shape[-1]}"

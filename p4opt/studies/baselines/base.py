@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from p4opt import linalg
 from p4opt._typing import Tensor
 from p4opt.errors import ShapeError, describe
 from p4opt.studies.types import Family, MissingDependencyError
@@ -50,7 +51,7 @@ def missing_modules(names: tuple[str, ...]) -> list[str]:
 
 
 class Constrained(nn.Module):
-    r"""A square weight :math:`W \in \mathbb{R}^{n \times n}` trained under a constraint.
+    r"""A weight :math:`W` (square, or rectangular on the Stiefel tasks) trained under a constraint.
 
     Subclasses implement :meth:`weight`; :meth:`logabsdet` and :meth:`solve`
     default to dense linear algebra (:math:`O(n^3)`), :meth:`optimizer` to
@@ -75,11 +76,11 @@ class Constrained(nn.Module):
 
 
 def _as_linear(init: Tensor) -> nn.Linear:
-    """A bias-free ``nn.Linear`` whose weight is a copy of ``init`` (same dtype)."""
-    if not isinstance(init, Tensor) or init.ndim != 2 or init.shape[0] != init.shape[1]:
-        raise ShapeError(f"init must be a square matrix, got {describe(init)}")
-    n = init.shape[0]
-    lin = nn.Linear(n, n, bias=False, dtype=init.dtype, device=init.device)
+    """A bias-free ``nn.Linear`` whose weight (out, in) is a copy of ``init`` (same dtype)."""
+    if not isinstance(init, Tensor) or init.ndim != 2:
+        raise ShapeError(f"init must be a matrix, got {describe(init)}")
+    out_features, in_features = init.shape
+    lin = nn.Linear(in_features, out_features, bias=False, dtype=init.dtype, device=init.device)
     with torch.no_grad():
         lin.weight.copy_(init)
     return lin
@@ -140,16 +141,14 @@ class Method:
 
 
 def orthogonality_error(weight: Tensor) -> float:
-    r""":math:`\lVert W^T W - I\rVert_{\max}` computed in float64; cost :math:`O(n^3)`.
+    r""":math:`\lVert W^T W - I\rVert_{\max}` (:math:`WW^T` if wide) in float64; :math:`O(n^3)`.
 
     Examples
     --------
     >>> orthogonality_error(torch.eye(3)) == 0.0
     True
     """
-    w = weight.detach().to(torch.float64)
-    eye = torch.eye(w.shape[-1], dtype=w.dtype, device=w.device)
-    return float((w.mT @ w - eye).abs().amax())
+    return float(linalg.orthogonality_error(weight.detach().to(torch.float64)).amax())
 
 
 @torch.no_grad()

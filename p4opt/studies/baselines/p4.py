@@ -24,7 +24,7 @@ class P4Weight(Constrained):
 
     Parameters
     ----------
-    init : Tensor, shape (n, n)
+    init : Tensor, shape (n, p)
         Feasible starting matrix.
     seed : int
         Seed of the perturbation's generator.

@@ -18,12 +18,13 @@ class GeooptStiefel(Constrained):
     r"""A ``geoopt.ManifoldParameter`` on ``geoopt.Stiefel()`` trained by a Riemannian optimizer.
 
     Every step projects the gradient on the tangent space and retracts
-    (:math:`O(n^3)` per step for square matrices).
+    (:math:`O(n^3)` per step for square matrices). geoopt's Stiefel points have
+    orthonormal columns; a wide weight (orthonormal rows) is kept as its transpose.
 
     Parameters
     ----------
-    init : Tensor, shape (n, n)
-        Orthogonal starting matrix.
+    init : Tensor, shape (n, p)
+        Orthogonal starting matrix, or orthonormal columns or rows.
     optimizer : {"adam", "sgd"}
         ``geoopt.optim.RiemannianAdam`` or ``geoopt.optim.RiemannianSGD``.
     """
@@ -32,10 +33,12 @@ class GeooptStiefel(Constrained):
         super().__init__()
         geoopt = importlib.import_module("geoopt")
         self.kind = optimizer
-        self.q = geoopt.ManifoldParameter(init.detach().clone(), manifold=geoopt.Stiefel())
+        self.wide = init.shape[-2] < init.shape[-1]
+        start = init.detach().mT if self.wide else init.detach()
+        self.q = geoopt.ManifoldParameter(start.clone(), manifold=geoopt.Stiefel())
 
     def weight(self) -> Tensor:
-        return self.q
+        return self.q.mT if self.wide else self.q
 
     def optimizer(self, lr: float) -> torch.optim.Optimizer:
         optim = importlib.import_module("geoopt.optim")
@@ -53,7 +56,7 @@ class Geotorch(Constrained):
 
     Parameters
     ----------
-    init : Tensor, shape (n, n)
+    init : Tensor, shape (n, p)
         Feasible starting matrix (orthogonal, or with positive determinant).
     constraint : {"orthogonal", "invertible"}
     """
@@ -80,7 +83,7 @@ class TorchOrthogonal(Constrained):
 
     Parameters
     ----------
-    init : Tensor, shape (n, n)
+    init : Tensor, shape (n, p)
         Orthogonal starting matrix (kept as the trivialization's base).
     orthogonal_map : {"matrix_exp", "cayley", "householder"}
         The map from the unconstrained tensor to the orthogonal group

@@ -1,6 +1,7 @@
 r"""Built-in comparison tasks (used by ``p4opt compare``, the examples and the benchmarks).
 
-Every task is seeded and full-batch, trains one square weight under the
+Every task is seeded and full-batch, trains one weight (square, or rectangular for the
+Stiefel tasks) under the
 constraint of its ``family``, and knows its optimum so that progress is a
 relative loss gap with a ``target``.
 
@@ -20,11 +21,24 @@ from p4opt.studies.tasks.base import Task, random_orthogonal
 from p4opt.studies.tasks.gaussian import GaussianML
 from p4opt.studies.tasks.procrustes import Procrustes
 from p4opt.studies.tasks.rnn import TeacherRNN
+from p4opt.studies.tasks.stiefel import StiefelTall, StiefelWide
 
-__all__ = ["Task", "TASKS", "make", "random_orthogonal", "Procrustes", "GaussianML", "TeacherRNN"]
+__all__ = [
+    "Task",
+    "TASKS",
+    "make",
+    "random_orthogonal",
+    "Procrustes",
+    "GaussianML",
+    "TeacherRNN",
+    "StiefelTall",
+    "StiefelWide",
+]
 
 #: Task classes by name.
-TASKS: dict[str, type[Task]] = {t.name: t for t in (Procrustes, GaussianML, TeacherRNN)}
+TASKS: dict[str, type[Task]] = {
+    t.name: t for t in (Procrustes, GaussianML, TeacherRNN, StiefelTall, StiefelWide)
+}
 
 
 def make(name: str, n: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> Task:

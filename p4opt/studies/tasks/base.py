@@ -39,7 +39,9 @@ def random_orthogonal(n: int, generator: torch.Generator, det: float | None = No
 
 
 class Task(abc.ABC):
-    r"""A seeded, full-batch training problem on one square weight :math:`W` (n, n).
+    r"""A seeded, full-batch training problem on one weight :math:`W` of shape ``shape``.
+
+    The weight is square (n, n) unless a subclass sets ``shape`` (the Stiefel tasks).
 
     Subclasses set ``name``, ``family`` (which methods apply), ``target`` (the
     relative loss to reach) and implement :meth:`initial`, :meth:`solution`,
@@ -74,14 +76,15 @@ class Task(abc.ABC):
         self.seed = seed
         self.dtype = dtype
         self.generator = torch.Generator().manual_seed(seed)
+        self.shape: tuple[int, int] = (n, n)
 
     @abc.abstractmethod
     def initial(self) -> Tensor:
-        """The feasible start point, shape (n, n), in ``dtype`` (the same for every method)."""
+        """The feasible start point, shape ``shape``, in ``dtype`` (the same for every method)."""
 
     @abc.abstractmethod
     def solution(self) -> Tensor:
-        """A minimizer of the loss, shape (n, n), float64."""
+        """A minimizer of the loss, shape ``shape``, float64."""
 
     @abc.abstractmethod
     def objective(self, weight: Tensor, logabsdet: Tensor | None = None) -> Tensor:
