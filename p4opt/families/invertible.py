@@ -269,7 +269,8 @@ class Invertible(TrackedInverse, Perturbation):
                     matrix, self.inv, self.logabsdet_base, u, v, *args, self.base.dtype, bounds
                 )
         return Proposal(
-            codes=check.codes, scale=scale, cut=cut, figures=self._figures(check), data=(u, v, check)
+            codes=check.codes, scale=scale, cut=cut, figures=self._figures(check),
+            data=(u, v, check),
         )
 
     @staticmethod

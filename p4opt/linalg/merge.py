@@ -157,7 +157,8 @@ def low_rank_check(
     limit = torch.finfo(out_dtype or matrix.dtype).max
     overflow = ~(inv_bound < torch.finfo(inv.dtype).max) | ~(mat_bound < limit)
     code = torch.where((code == 0) & overflow, len(checks) + 1, code)
-    bounds = (torch.where(code == 0, mat_bound, mat_old), torch.where(code == 0, inv_bound, inv_old))
+    folds = code == 0
+    bounds = (torch.where(folds, mat_bound, mat_old), torch.where(folds, inv_bound, inv_old))
     return LowRankCheck(code, inv_u, correction, cap_sign, cap_logabsdet, bounds)
 
 

@@ -107,7 +107,7 @@ class Householder(Rotation):
 
     def rotate(self, x: Tensor) -> Tensor:
         vectors = self.pert.vectors
-        n, k = vectors.shape
+        n, k = vectors.shape[-2:]
         if x.dtype == torch.float32 and 2 * k > n:
             # with more than n/2 reflections the WY factor is ill-conditioned and its float32
             # product loses orthogonality in proportion to k (1e-6 to 1e-5 at n = 64, k = 128);
