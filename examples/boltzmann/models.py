@@ -40,7 +40,7 @@ class ModelConfig:
     hidden: int = 64
     depth: int = 2
     scale_bound: float = 2.0
-    rank: int = 1
+    rank: int | None = None
     bias: bool = True
     seed: int = 0
     invertible: dict[str, Any] = field(default_factory=dict)

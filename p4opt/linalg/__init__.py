@@ -17,7 +17,12 @@ Modules: :mod:`~p4opt.linalg.lowrank` (Woodbury, determinant lemma),
 
 from __future__ import annotations
 
-from p4opt.linalg.givens import givens_apply, invert_permutation
+from p4opt.linalg.givens import (
+    givens_apply,
+    givens_layers_apply,
+    invert_permutation,
+    round_robin,
+)
 from p4opt.linalg.householder import householder_apply, householder_wy, householder_wy_inverse
 from p4opt.linalg.lowrank import capacitance, lemma_slogdet, woodbury_inverse, woodbury_solve
 from p4opt.linalg.merge import (
@@ -64,6 +69,8 @@ __all__ = [
     "householder_wy_inverse",
     "householder_apply",
     "givens_apply",
+    "givens_layers_apply",
+    "round_robin",
     "invert_permutation",
     "orthogonality_error",
     "sum_complement",

@@ -9,7 +9,7 @@ import torch
 
 from p4opt._typing import Tensor
 
-__all__ = ["givens_apply", "invert_permutation"]
+__all__ = ["givens_apply", "givens_layers_apply", "invert_permutation", "round_robin"]
 
 
 def invert_permutation(perm: Tensor) -> Tensor:
@@ -67,3 +67,99 @@ def givens_apply(x: Tensor, angles: Tensor, perm: Tensor, inverse: Tensor | None
     c, s = torch.cos(angles), torch.sin(angles)
     rotated = torch.stack([a * c + b * s, b * c - a * s], dim=-1).flatten(-2)
     return torch.cat([rotated, rest], dim=-1)[..., inverse]
+
+
+def round_robin(n: int, rounds: Tensor, labels: Tensor | None = None) -> Tensor:
+    r"""Pairings of ``n`` coordinates from a round-robin tournament (circle method).
+
+    Round :math:`r` of the tournament on :math:`N = n + (n \bmod 2)` players pairs
+    :math:`(r, N-1)` and :math:`((r+i) \bmod (N-1), (r-i) \bmod (N-1))` for
+    :math:`1 \le i < N/2`; the :math:`N-1` rounds of a tournament pair every two coordinates
+    exactly once. For odd ``n`` the coordinate paired with the missing player :math:`N-1`
+    sits the round out and is listed last (as :func:`givens_apply` expects).
+
+    Parameters
+    ----------
+    n : int
+        Number of coordinates (at least 2).
+    rounds : Tensor, shape (L,), long
+        The rounds to list (taken modulo :math:`N-1`).
+    labels : Tensor, shape (n,), long, optional
+        A permutation that renames the coordinates (default: the identity).
+
+    Returns
+    -------
+    Tensor, shape (L, n), long
+        One permutation per round, the pairs adjacent: ``(p[2i], p[2i+1])``. Cost
+        :math:`O(Ln)`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> round_robin(4, torch.arange(3))
+    tensor([[0, 3, 1, 2],
+            [1, 3, 2, 0],
+            [2, 3, 0, 1]])
+    """
+    players = n + n % 2
+    r = torch.as_tensor(rounds, dtype=torch.long).reshape(-1, 1) % (players - 1)
+    i = torch.arange(1, players // 2, device=r.device)
+    ups, downs = (r + i) % (players - 1), (r - i) % (players - 1)
+    others = torch.stack([ups, downs], dim=-1).flatten(-2)
+    if n % 2:  # the partner of the missing player sits out, last
+        perms = torch.cat([others, r], dim=-1)
+    else:
+        perms = torch.cat([r, torch.full_like(r, players - 1), others], dim=-1)
+    return perms if labels is None else labels[perms]
+
+
+def givens_layers_apply(x: Tensor, angles: Tensor, perms: Tensor) -> Tensor:
+    r"""Right-multiply vectors by ``L`` layers of rotations on disjoint coordinate pairs.
+
+    Returns :math:`x\,G_1 G_2 \cdots G_L`, where :math:`G_l` is the layer that
+    :func:`givens_apply` applies with ``angles[l]`` and ``perms[l]``. The coordinates are
+    gathered once per layer into the next layer's pair order (one composed index), so a layer
+    costs two gathers and two elementwise products.
+
+    Parameters
+    ----------
+    x : Tensor, shape (..., n)
+    angles : Tensor, shape (L, m)
+        With ``m = n // 2``.
+    perms : Tensor, shape (L, n), long
+        One permutation per layer (for example from :func:`round_robin`).
+
+    Returns
+    -------
+    Tensor, shape (..., n)
+        Cost :math:`O(BnL)` for ``B`` vectors; differentiable in ``x`` and ``angles``.
+        ``angles = 0`` returns ``x`` exactly.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.randn(5, 6, dtype=torch.float64)
+    >>> angles = torch.randn(2, 3, dtype=torch.float64)
+    >>> perms = round_robin(6, torch.tensor([0, 1]))
+    >>> two = givens_apply(givens_apply(x, angles[0], perms[0]), angles[1], perms[1])
+    >>> torch.allclose(givens_layers_apply(x, angles, perms), two)
+    True
+    """
+    n = x.shape[-1]
+    m = angles.shape[-1]
+    c, s = torch.cos(angles), torch.sin(angles)
+    cc = torch.stack([c, c], dim=-1).flatten(-2)
+    ss = torch.stack([s, -s], dim=-1).flatten(-2)
+    if n > 2 * m:  # the odd coordinate out is left alone
+        one = cc.new_ones(cc.shape[0], 1)
+        cc, ss = torch.cat([cc, one], dim=-1), torch.cat([ss, 0 * one], dim=-1)
+    inverse = torch.argsort(perms, dim=-1)
+    # moves[l] takes layer l-1's pair order to layer l's; partners swap within each pair
+    moves = torch.cat([perms[:1], torch.gather(inverse[:-1], 1, perms[1:])], dim=0)
+    partner = torch.arange(n, device=perms.device)
+    partner[: 2 * m] ^= 1
+    partners = moves[:, partner]
+    y = x
+    for layer in range(perms.shape[0]):
+        y = torch.addcmul(y[..., moves[layer]] * cc[layer], y[..., partners[layer]], ss[layer])
+    return y[..., inverse[-1]]

@@ -99,7 +99,7 @@ class P4InvMixing(Bijection):
 
     At construction :math:`W = P_\pi` (the permutation matrix of ``perm``) and :math:`b = 0`,
     so the layer computes exactly what :class:`Permutation` ``(perm)`` computes; training then
-    moves :math:`W` through :math:`GL(n)` by P⁴Inv rank-``k`` updates :math:`W = A + UV^T`
+    moves :math:`W` through :math:`GL(n)` by P⁴Inv rank-``k`` updates
     (register-time options go to :class:`p4opt.Invertible`; train with
     :class:`p4opt.P4Optimizer`). Replace each swap between the couplings of a flow by one
     of these to let the flow learn how channels mix.
@@ -111,8 +111,10 @@ class P4InvMixing(Bijection):
     ----------
     perm : int or sequence of int
         The starting permutation, or ``n`` for :func:`swap_permutation` ``(n)``.
-    rank : int
-        Rank ``k`` of the P⁴Inv update (1 is the paper's case).
+    rank : int, optional
+        Rank ``k`` of each merged P⁴Inv update; default :func:`p4opt.families.invertible.default_rank`
+        of ``n``. The paper's layer is ``rank=1, update="factored"`` (:math:`2n` trainable
+        numbers); the default ``update="projected"`` trains a dense pending change.
     bias : bool
         Learn an additive bias :math:`b` (``n`` more parameters).
     dtype, device : optional
@@ -143,7 +145,7 @@ class P4InvMixing(Bijection):
     def __init__(
         self,
         perm: Sequence[int] | Tensor | int,
-        rank: int = 1,
+        rank: int | None = None,
         bias: bool = True,
         *,
         dtype: torch.dtype | None = None,
