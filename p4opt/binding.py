@@ -148,6 +148,8 @@ class Bound(nn.Module):
     ) -> None:
         """Refuse, before anything is copied, a checkpoint whose entries do not fit (a partial
         copy would leave the base and its bookkeeping out of step)."""
+        mine = next(k for k, m in self._owner.named_children() if m is self)  # type: ignore[union-attr]
+        self.upgrade_state_dict(state_dict, f"{prefix}{mine}.")
         ours = self._owner.state_dict(keep_vars=True)  # type: ignore[union-attr]
         optional = ("rng_seed", "rng_draws", "merges", "_extra_state")
         for key, tensor in ours.items():
@@ -166,6 +168,13 @@ class Bound(nn.Module):
                         f"{tuple(given.shape)}, this model's {tuple(tensor.shape)}; nothing of the "
                         "perturbation was loaded"
                     )
+
+    def upgrade_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """Rewrite, in place, entries an older p4opt saved in another layout (default: none).
+
+        Called before a checkpoint is checked and loaded; ``prefix`` leads this
+        perturbation's keys.
+        """
 
     def _unbind(self) -> None:
         handle = self.__dict__.get("_load_hook")

@@ -314,11 +314,25 @@ class P4Optimizer(torch.optim.Optimizer):
             state = hook(self, state) or state
         return state
 
+    def _drop_mismatched_state(self) -> None:
+        """Forget the optimizer state of trainable tensors whose shape it no longer fits."""
+        for pert in self.perturbations:
+            for name, param in pert.named_parameters(recurse=False):
+                state = self.optimizer.state.get(param, {})
+                if any(isinstance(v, Tensor) and v.ndim > 0 and v.shape != param.shape
+                       for v in state.values()):
+                    del self.optimizer.state[param]
+                    warnings.warn(
+                        f"optimizer state of {pert.where}.{name} has another shape than the "
+                        f"tensor {tuple(param.shape)} (a checkpoint of an older p4opt); "
+                        "it restarts from zero", UserWarning, stacklevel=3)
+
     def load_state_dict(self, state_dict: StateDict) -> None:  # type: ignore[override]
         """Restore a :meth:`state_dict` (load the model's state dict as well, as usual).
 
         State dicts written by p4opt 0.1 load too (their generator states are ignored: the
-        draws now live in the model's buffers).
+        draws now live in the model's buffers). The state of a trainable tensor whose shape
+        changed since (0.1's single Givens layer) is dropped with a warning: it restarts.
         """
         if not isinstance(state_dict, dict) or set(state_dict) != {"optimizer", "p4"}:
             raise P4ValueError(
@@ -328,6 +342,7 @@ class P4Optimizer(torch.optim.Optimizer):
             state_dict = hook(self, state_dict) or state_dict
         own = state_dict["p4"]
         self.optimizer.load_state_dict(state_dict["optimizer"])
+        self._drop_mismatched_state()
         known = {f for f in Counters.__dataclass_fields__}
         self.counters = Counters(**{k: int(v) for k, v in own["counters"].items() if k in known})
         self.merge_every = check_optional_int("merge_every", own["merge_every"], minimum=1)

@@ -279,7 +279,12 @@ def test_checkpoints_written_by_version_0_1_still_load(family):
     pert = p4opt.register(lin, "weight", make())
     lin.load_state_dict(saved["model"])
     opt = p4opt.P4Optimizer(torch.optim.Adam(lin.parameters(), lr=1e-2), merge_every=3)
-    opt.load_state_dict(saved["optimizer"])
+    if family == "orthogonal_givens":  # 0.1 had one Givens layer: its Adam moments restart
+        with pytest.warns(UserWarning, match="angles has another shape"):
+            opt.load_state_dict(saved["optimizer"])
+        assert not opt.optimizer.state.get(pert.angles)
+    else:
+        opt.load_state_dict(saved["optimizer"])
     assert torch.allclose(lin(saved["x"]), saved["y"], atol=1e-6, rtol=0)
     assert opt.stats["steps"] == saved["stats"]["steps"] and pert.validate().ok
     _train(lin, opt, 3)  # and training goes on

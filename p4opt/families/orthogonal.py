@@ -3,7 +3,7 @@ r"""P⁴ orthogonal family: orthogonal and Stiefel weights trained through rotat
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -38,8 +38,10 @@ class Orthogonal(Perturbation):
     The rotation :math:`G` is a strategy chosen by ``method``:
     :class:`~p4opt.families.rotations.Householder` (products of reflection pairs in compact
     WY form, :math:`O(n^2k)` to form :math:`QG`) or
-    :class:`~p4opt.families.rotations.Givens` (rotations on disjoint coordinate pairs,
-    :math:`O(n^2)`).
+    :class:`~p4opt.families.rotations.Givens` (``L`` layers of rotations on disjoint
+    coordinate pairs, by default a round-robin tournament of ``n - 1`` layers that turns every
+    pair once: :math:`O(n^2L)`, elementwise work, so slower per step than Householder beyond
+    small ``n``).
 
     Registration maps each matrix to the nearest orthogonal (or Stiefel) matrix, its polar
     factor, when its orthogonality error exceeds the tolerance of :meth:`validate` (or
@@ -55,8 +57,10 @@ class Orthogonal(Perturbation):
     method : {"householder", "givens"}
         ``"givens"`` takes single matrices, square or rectangular (no stacks).
     rank : int, optional
-        Number of reflections (even, ``2 <= k <= 4 max(n, p)``) for ``"householder"``;
-        default :func:`default_rank` ``(n, p)``. Must be left out for ``"givens"``.
+        ``"householder"``: number of reflections (even, ``2 <= k <= 4 max(n, p)``), default
+        :func:`default_rank` ``(n, p)``. ``"givens"``: number of layers ``L`` (at least 1),
+        default :func:`~p4opt.families.rotations.givens.default_layers` ``(max(n, p))``, a
+        whole tournament; fewer layers move on through the tournament at every merge.
     group : {"SO", "O"}, optional
         Feasible set of a square weight: the rotations (the default) or all orthogonal
         matrices. A rectangular weight has no determinant: its Stiefel manifold is connected
@@ -242,6 +246,10 @@ class Orthogonal(Perturbation):
                 figures["det_sign_error"] = 0.0 if sign > 0 else 1.0
                 tolerances["det_sign_error"] = 0.5
         return ValidationReport(where=self.where, figures=figures, tolerances=tolerances)
+
+    def upgrade_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """0.1 checkpoints of ``method="givens"`` (one layer) load into the layered form."""
+        self.strategy.upgrade_state_dict(state_dict, prefix)
 
     def extra_repr(self) -> str:
         every = self.correct_every

@@ -117,9 +117,9 @@ def givens_layers_apply(x: Tensor, angles: Tensor, perms: Tensor) -> Tensor:
     r"""Right-multiply vectors by ``L`` layers of rotations on disjoint coordinate pairs.
 
     Returns :math:`x\,G_1 G_2 \cdots G_L`, where :math:`G_l` is the layer that
-    :func:`givens_apply` applies with ``angles[l]`` and ``perms[l]``. The coordinates are
-    gathered once per layer into the next layer's pair order (one composed index), so a layer
-    costs two gathers and two elementwise products.
+    :func:`givens_apply` applies with ``angles[l]`` and ``perms[l]``. The vectors are held as
+    columns; per layer one row gather takes them from the previous layer's pair order to this
+    layer's (a composed index), and one batched 2×2 product rotates all pairs.
 
     Parameters
     ----------
@@ -132,8 +132,9 @@ def givens_layers_apply(x: Tensor, angles: Tensor, perms: Tensor) -> Tensor:
     Returns
     -------
     Tensor, shape (..., n)
-        Cost :math:`O(BnL)` for ``B`` vectors; differentiable in ``x`` and ``angles``.
-        ``angles = 0`` returns ``x`` exactly.
+        Cost :math:`O(BnL)` for ``B`` vectors (not BLAS-bound: forming an ``n × n`` weight
+        with ``L = n - 1`` layers is an :math:`O(n^3)` elementwise pass); differentiable in
+        ``x`` and ``angles``. ``angles = 0`` returns ``x`` up to signed zeros.
 
     Examples
     --------
@@ -148,18 +149,15 @@ def givens_layers_apply(x: Tensor, angles: Tensor, perms: Tensor) -> Tensor:
     n = x.shape[-1]
     m = angles.shape[-1]
     c, s = torch.cos(angles), torch.sin(angles)
-    cc = torch.stack([c, c], dim=-1).flatten(-2)
-    ss = torch.stack([s, -s], dim=-1).flatten(-2)
-    if n > 2 * m:  # the odd coordinate out is left alone
-        one = cc.new_ones(cc.shape[0], 1)
-        cc, ss = torch.cat([cc, one], dim=-1), torch.cat([ss, 0 * one], dim=-1)
+    # rotations[l, i] maps the column pair (a, b) to (a c + b s, b c - a s)
+    rotations = torch.stack([torch.stack([c, s], -1), torch.stack([-s, c], -1)], -2)
     inverse = torch.argsort(perms, dim=-1)
-    # moves[l] takes layer l-1's pair order to layer l's; partners swap within each pair
     moves = torch.cat([perms[:1], torch.gather(inverse[:-1], 1, perms[1:])], dim=0)
-    partner = torch.arange(n, device=perms.device)
-    partner[: 2 * m] ^= 1
-    partners = moves[:, partner]
-    y = x
+    y = x.reshape(-1, n).mT  # (n, B): gathers of whole rows
+    batch = y.shape[-1]
     for layer in range(perms.shape[0]):
-        y = torch.addcmul(y[..., moves[layer]] * cc[layer], y[..., partners[layer]], ss[layer])
-    return y[..., inverse[-1]]
+        y = y.index_select(0, moves[layer])
+        pairs = y[: 2 * m].reshape(m, 2, batch)
+        rotated = torch.bmm(rotations[layer].to(y.dtype), pairs).reshape(2 * m, batch)
+        y = rotated if n == 2 * m else torch.cat([rotated, y[2 * m :]], dim=0)
+    return y.index_select(0, inverse[-1]).mT.reshape(x.shape)

@@ -54,6 +54,9 @@ class Rotation(abc.ABC):
     def rotate(self, x: Tensor) -> Tensor:
         """:math:`x\\,G` for vectors ``x[..., n]`` in ``x``'s dtype (differentiable)."""
 
+    def upgrade_state_dict(self, state_dict: dict[str, Tensor], prefix: str) -> None:
+        """Rewrite, in place, entries that an older p4opt saved in another layout (default: none)."""
+
     def describe(self) -> str:
         """Extra text for the perturbation's ``repr``."""
         return ""

@@ -103,11 +103,30 @@ class Givens(Rotation):
         """Zero the angles and pair by the next ``L`` rounds of the tournament."""
         pert = self.pert
         layers, n = pert.pairing.shape
+        pert.angles.zero_()
+        if pert.pairing.device.type == "meta":  # shapes only; load_state_dict brings the rest
+            return
         first = int(pert.next_round)
         rounds = torch.arange(first, first + layers, device=pert.labels.device)
         pert.pairing.copy_(rotations.round_robin(n, rounds, pert.labels))
         pert.next_round.fill_((first + layers) % default_layers(n))
-        pert.angles.zero_()
+
+    def upgrade_state_dict(self, state_dict: dict[str, Tensor], prefix: str) -> None:
+        """0.1 saved one layer (``angles`` (m,), ``pairing`` (n,)): make it the first of ``L``.
+
+        The other layers keep zero angles, so the loaded layer computes what it computed.
+        """
+        angles, pairing = state_dict.get(prefix + "angles"), state_dict.get(prefix + "pairing")
+        if angles is None or pairing is None or angles.ndim != 1 or pairing.ndim != 1:
+            return
+        pert = self.pert
+        layers = pert.angles.new_zeros(pert.angles.shape, dtype=angles.dtype)
+        layers[0] = angles
+        order = pert.pairing.clone()
+        order[0] = pairing
+        state_dict[prefix + "angles"], state_dict[prefix + "pairing"] = layers, order
+        for name in ("labels", "next_round"):
+            state_dict.setdefault(prefix + name, getattr(pert, name))
 
     def rotate(self, x: Tensor) -> Tensor:
         pert = self.pert
