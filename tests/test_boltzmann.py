@@ -131,3 +131,15 @@ def test_tiny_end_to_end_run_resumes(tmp_path: Path) -> None:
     for name in ("energies_kl.png", "ramachandran_kl.png", "samples.npz"):
         assert (tmp_path / "run" / name).stat().st_size > 0
     assert np.isfinite(report["ml"]["test_nll"]["rnvp"])
+
+
+def test_the_papers_layer_is_one_flag_away() -> None:
+    from boltzmann.models import build_flow
+
+    default = R.configure(R.parse(["--full"]))["model"]
+    paper = R.configure(R.parse(["--full", "--rank", "1", "--update", "factored"]))["model"]
+    (mixing, *_) = [m for m in build_flow("p4inv", 60, default) if hasattr(m, "perturbation")]
+    assert mixing.perturbation.update == "projected" and mixing.perturbation.rank == 16
+    (mixing, *_) = [m for m in build_flow("p4inv", 60, paper) if hasattr(m, "perturbation")]
+    assert mixing.perturbation.update == "factored" and mixing.perturbation.rank == 1
+    assert sum(p.numel() for p in mixing.parameters() if p.requires_grad) == 3 * 60  # U, V, bias

@@ -125,26 +125,6 @@ def test_givens_restart_rules():
     assert len(seen) == 15
 
 
-def test_givens_learns_procrustes_at_its_defaults():
-    n = 16
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(4 * n, n, generator=g, dtype=F64)
-    y = x @ random_orthogonal(n, 3).mT
-    lin = torch.nn.Linear(n, n, bias=False, dtype=F64)
-    with torch.no_grad():
-        lin.weight.copy_(torch.eye(n, dtype=F64))
-    p4opt.register(lin, "weight", p4opt.Orthogonal("givens", seed=0))
-    opt = p4opt.P4Optimizer(torch.optim.Adam(lin.parameters(), lr=0.3))
-    for _ in range(250):
-        loss = (lin(x) - y).square().sum() / y.square().sum()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    # one layer of disjoint rotations re-paired at every merge (0.1) ends here at 0.43
-    assert float(loss.detach()) < 1e-4
-    assert float(lo.orthogonality_error(lin.weight.detach())) < 1e-10
-
-
 def test_polar_factor_and_refinement():
     a = torch.randn(9, 9, generator=torch.Generator().manual_seed(2), dtype=F64)
     u, s, vh = torch.linalg.svd(a)
@@ -310,7 +290,10 @@ def test_exact_resume_mid_cycle(opt_name, method):
     assert opt_a.stats == opt_b.stats
 
 
-def test_procrustes_converges_at_n16():
+# Givens with one layer of disjoint rotations re-paired at every merge (0.1) ends this problem
+# at a relative loss of 0.37-0.50 (lr 0.1-1); the default tournament of n - 1 layers gets to 1e-6
+@pytest.mark.parametrize(("method", "lr", "steps"), [("householder", 0.1, 150), ("givens", 0.3, 250)])
+def test_procrustes_converges_at_n16(method, lr, steps):
     n = 16
     g = torch.Generator().manual_seed(13)
     x = torch.randn(4 * n, n, generator=g, dtype=F64)
@@ -318,15 +301,15 @@ def test_procrustes_converges_at_n16():
     lin = torch.nn.Linear(n, n, bias=False, dtype=F64)
     with torch.no_grad():
         lin.weight.copy_(torch.eye(n, dtype=F64))
-    p4opt.register(lin, "weight", p4opt.Orthogonal(seed=0))
-    opt = p4opt.P4Optimizer(torch.optim.Adam(lin.parameters(), lr=0.1))
-    for _ in range(150):
+    p4opt.register(lin, "weight", p4opt.Orthogonal(method, seed=0))
+    opt = p4opt.P4Optimizer(torch.optim.Adam(lin.parameters(), lr=lr))
+    for _ in range(steps):
         (lin(x) - y).square().sum().backward()
         opt.step()
         opt.zero_grad()
     rel = float((lin(x) - y).square().sum().detach() / y.square().sum())
     assert rel < 1e-6
-    assert opt.stats["merges_accepted"] == 150 // p4opt.Orthogonal.default_merge_every
+    assert opt.stats["merges_accepted"] == steps // p4opt.Orthogonal.default_merge_every
     assert float(lo.orthogonality_error(lin.weight.detach())) < 1e-12
 
 

@@ -59,7 +59,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
     p.add_argument("--layers", type=int, help="coupling layers")
     p.add_argument("--hidden", type=int, help="width of the coupling networks")
-    p.add_argument("--rank", type=int, help="rank of the P4Inv updates")
+    p.add_argument("--rank", type=int, help="rank of the P4Inv updates (default: the library's)")
+    p.add_argument("--update", choices=("projected", "factored"),
+                   help="P4Inv update rule (default: the library's, projected; the paper's "
+                        "layer is --rank 1 --update factored)")
     p.add_argument("--ml-steps", type=int)
     p.add_argument("--ml-batch", type=int)
     p.add_argument("--ml-lr", type=float)
@@ -85,6 +88,8 @@ def configure(args: argparse.Namespace) -> dict:
     cfg = dict(PRESETS[name], name=name)
     model = {"layers": args.layers, "hidden": args.hidden, "rank": args.rank,
              "seed": args.seed}
+    if args.update is not None:
+        model["invertible"] = cfg["model"].invertible | {"update": args.update}
     cfg["model"] = replace(cfg["model"], **{k: v for k, v in model.items() if v is not None})
     for phase in ("ml", "kl"):
         over = {"steps": getattr(args, f"{phase}_steps"), "batch": getattr(args, f"{phase}_batch"),
