@@ -88,8 +88,9 @@ def main() -> None:
     elapsed = time.perf_counter() - start
     final = history[-1]
     print(
-        f"\nafter {accepted} accepted merges ({rejected} rejected; n={n}, rank={k}, {args.dtype} layer, "
-        f"correction every {args.correct_every}): max|W·W⁻¹ − I| = {final['inverse_error']:.2e}, "
+        f"\nafter {accepted} accepted merges ({rejected} rejected; n={n}, rank={k}, "
+        f"{args.dtype} layer, correction every {args.correct_every}): "
+        f"max|W·W⁻¹ − I| = {final['inverse_error']:.2e}, "
         f"|log|det| − slogdet| = {final['logabsdet_error']:.2e}  ({elapsed:.0f} s)"
     )
     if args.out:

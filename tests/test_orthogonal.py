@@ -97,7 +97,7 @@ def test_givens_layers_equal_the_product_of_single_layers(n):
     angles = torch.randn(4, n // 2, generator=g, dtype=F64)
     x = torch.randn(3, 2, n, generator=g, dtype=F64)
     expected = x
-    for a, p in zip(angles, perms):
+    for a, p in zip(angles, perms, strict=True):
         expected = lo.givens_apply(expected, a, p)
     assert (lo.givens_layers_apply(x, angles, perms) - expected).abs().max() < 1e-14
     assert torch.equal(lo.givens_layers_apply(x, 0 * angles, perms), x)
@@ -292,7 +292,9 @@ def test_exact_resume_mid_cycle(opt_name, method):
 
 # Givens with one layer of disjoint rotations re-paired at every merge (0.1) ends this problem
 # at a relative loss of 0.37-0.50 (lr 0.1-1); the default tournament of n - 1 layers gets to 1e-6
-@pytest.mark.parametrize(("method", "lr", "steps"), [("householder", 0.1, 150), ("givens", 0.3, 250)])
+@pytest.mark.parametrize(
+    ("method", "lr", "steps"), [("householder", 0.1, 150), ("givens", 0.3, 250)]
+)
 def test_procrustes_converges_at_n16(method, lr, steps):
     n = 16
     g = torch.Generator().manual_seed(13)

@@ -112,9 +112,10 @@ class P4InvMixing(Bijection):
     perm : int or sequence of int
         The starting permutation, or ``n`` for :func:`swap_permutation` ``(n)``.
     rank : int, optional
-        Rank ``k`` of each merged P⁴Inv update; default :func:`p4opt.families.invertible.default_rank`
-        of ``n``. The paper's layer is ``rank=1, update="factored"`` (:math:`2n` trainable
-        numbers); the default ``update="projected"`` trains a dense pending change.
+        Rank ``k`` of each merged P⁴Inv update; default
+        :func:`p4opt.families.invertible.default_rank` of ``n``. The paper's layer is
+        ``rank=1, update="factored"`` (:math:`2n` trainable numbers); the default
+        ``update="projected"`` trains a dense pending change.
     bias : bool
         Learn an additive bias :math:`b` (``n`` more parameters).
     dtype, device : optional

@@ -54,8 +54,10 @@ class Rotation(abc.ABC):
     def rotate(self, x: Tensor) -> Tensor:
         """:math:`x\\,G` for vectors ``x[..., n]`` in ``x``'s dtype (differentiable)."""
 
-    def upgrade_state_dict(self, state_dict: dict[str, Tensor], prefix: str) -> None:
-        """Rewrite, in place, entries that an older p4opt saved in another layout (default: none)."""
+    def upgrade_state_dict(  # noqa: B027 - optional hook, a no-op by default
+        self, state_dict: dict[str, Tensor], prefix: str
+    ) -> None:
+        """Rewrite, in place, entries an older p4opt saved in another layout (default: none)."""
 
     def describe(self) -> str:
         """Extra text for the perturbation's ``repr``."""
