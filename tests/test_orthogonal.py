@@ -90,6 +90,15 @@ def test_round_robin_rounds_pair_every_two_coordinates_once(n):
     assert len(pairs) == n * (n - 1) // 2
 
 
+@pytest.mark.parametrize("n", [1, 2, 5, 8])
+def test_givens_layers_hand_written_backward_passes_gradcheck(n):
+    layers = max(1, n - 1 + n % 2)
+    perms = lo.round_robin(n, torch.arange(layers), torch.randperm(n))
+    x = torch.randn(3, 4, n, dtype=F64, requires_grad=True)
+    angles = torch.randn(layers, n // 2, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, a: lo.givens_layers_apply(x, a, perms), (x, angles))
+
+
 @pytest.mark.parametrize("n", [7, 10])
 def test_givens_layers_equal_the_product_of_single_layers(n):
     g = torch.Generator().manual_seed(n)
@@ -367,32 +376,38 @@ def test_householder_backward_matches_autograd_of_the_explicit_product():
     assert (gx - x.grad).abs().max() < 1e-12 and (gw - w.grad).abs().max() < 1e-12
 
 
-def test_autocast_bfloat16_runs_forward_and_backward():
+@pytest.mark.parametrize("method", ["householder", "givens"])
+def test_autocast_bfloat16_runs_forward_and_backward(method):
     torch.manual_seed(0)
     lin = torch.nn.Linear(8, 8)
-    pert = p4opt.register(lin, "weight", p4opt.Orthogonal(rank=4))
+    pert = p4opt.register(lin, "weight", p4opt.Orthogonal(method))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = lin(torch.randn(3, 8))
         y.float().square().sum().backward()
-    assert y.dtype == torch.bfloat16 and float(pert.vectors.grad.abs().sum()) > 0
+        assert lin.weight.dtype == torch.float32  # the rotation is not rounded to bfloat16
+    (trained,) = pert.trainable()
+    assert y.dtype == torch.bfloat16 and float(trained.grad.abs().sum()) > 0
     assert pert.validate().ok
 
 
-def test_torch_func_grad_matches_autograd():
+@pytest.mark.parametrize(("method", "name"), [("householder", "vectors"), ("givens", "angles")])
+def test_torch_func_grad_matches_autograd(method, name):
     from torch.func import functional_call, grad
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(6, 6, dtype=F64)
-    pert = p4opt.register(lin, "weight", p4opt.Orthogonal(rank=4))
+    pert = p4opt.register(lin, "weight", p4opt.Orthogonal(method, seed=0))
+    with torch.no_grad():
+        getattr(pert, name).normal_()
     params = dict(lin.named_parameters())
     x = torch.randn(4, 6, dtype=F64)
 
     def loss(p: dict) -> torch.Tensor:
         return functional_call(lin, p, (x,)).square().sum()
 
-    via_func = grad(loss)(params)["parametrizations.weight.0.vectors"]
+    via_func = grad(loss)(params)[f"parametrizations.weight.0.{name}"]
     loss(params).backward()
-    assert (via_func - pert.vectors.grad).abs().max() < 1e-12
+    assert (via_func - getattr(pert, name).grad).abs().max() < 1e-12
 
 
 @pytest.mark.parametrize("method", ["householder", "givens"])

@@ -5,6 +5,8 @@ Row-vector convention: :func:`givens_apply` returns :math:`x\,G` for vectors ``x
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from p4opt._typing import Tensor
@@ -147,17 +149,70 @@ def givens_layers_apply(x: Tensor, angles: Tensor, perms: Tensor) -> Tensor:
     True
     """
     n = x.shape[-1]
-    m = angles.shape[-1]
-    c, s = torch.cos(angles), torch.sin(angles)
-    # rotations[l, i] maps the column pair (a, b) to (a c + b s, b c - a s)
-    rotations = torch.stack([torch.stack([c, s], -1), torch.stack([-s, c], -1)], -2)
     inverse = torch.argsort(perms, dim=-1)
     moves = torch.cat([perms[:1], torch.gather(inverse[:-1], 1, perms[1:])], dim=0)
-    y = x.reshape(-1, n).mT  # (n, B): gathers of whole rows
-    batch = y.shape[-1]
-    for layer in range(perms.shape[0]):
-        y = y.index_select(0, moves[layer])
-        pairs = y[: 2 * m].reshape(m, 2, batch)
-        rotated = torch.bmm(rotations[layer].to(y.dtype), pairs).reshape(2 * m, batch)
-        y = rotated if n == 2 * m else torch.cat([rotated, y[2 * m :]], dim=0)
-    return y.index_select(0, inverse[-1]).mT.reshape(x.shape)
+    columns = x.reshape(-1, n).mT  # (n, B): the gathers move whole rows
+    # in the tensors' own dtype, also under autocast (a bfloat16 product would round the
+    # rotation to 3 digits; the layer's product with its input autocasts as usual)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        out = _GivensLayers.apply(columns, angles.to(x.dtype), moves, inverse[-1])
+    return out.mT.reshape(x.shape)
+
+
+def _rotations(angles: Tensor) -> Tensor:
+    """(L, m, 2, 2): block ``[l, i]`` maps the column pair (a, b) to (a c + b s, b c − a s)."""
+    c, s = torch.cos(angles), torch.sin(angles)
+    return torch.stack([torch.stack([c, s], -1), torch.stack([-s, c], -1)], -2)
+
+
+def _rotate_pairs(y: Tensor, block: Tensor) -> Tensor:
+    """Apply the (m, 2, 2) blocks to the first 2m rows of ``y`` (n, B); the odd row stays."""
+    m, cols = block.shape[0], y.shape[-1]
+    rotated = torch.bmm(block, y[: 2 * m].reshape(m, 2, cols)).reshape(2 * m, cols)
+    return rotated if y.shape[0] == 2 * m else torch.cat([rotated, y[2 * m :]], dim=0)
+
+
+class _GivensLayers(torch.autograd.Function):
+    r"""Forward and hand-written backward of :func:`givens_layers_apply` on columns (n, B).
+
+    Layer :math:`l` gathers the rows by ``moves[l]`` and rotates the row pairs by
+    :math:`R_{l,i}`. The backward walks the layers from the last: with the layer's output
+    pair :math:`(a', b')` and incoming gradient :math:`(\bar a, \bar b)`,
+    :math:`\bar\theta = \sum (\bar a\, b' - \bar b\, a')`; the layer's input and its gradient
+    are both :math:`R^T` times the output and its gradient (one batched product), then the
+    gather is undone. Only the last output is kept: inputs are recovered by the inverse
+    rotations (rounding grows like ``L`` machine epsilons, in the gradient only).
+    """
+
+    @staticmethod
+    def forward(y: Tensor, angles: Tensor, moves: Tensor, last: Tensor) -> Tensor:
+        blocks = _rotations(angles)
+        for layer in range(moves.shape[0]):
+            y = _rotate_pairs(y.index_select(0, moves[layer]), blocks[layer])
+        return y.index_select(0, last)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        _, angles, moves, last = inputs
+        ctx.save_for_backward(angles, moves, last, output)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        angles, moves, last, output = ctx.saved_tensors
+        layers, m = angles.shape
+        cols = output.shape[-1]
+        blocks = _rotations(angles).mT  # the inverse rotations
+        undo = torch.argsort(moves, dim=-1)
+        order = torch.argsort(last)
+        # outputs and their gradients side by side: every inverse rotation serves both
+        both = torch.cat([output, grad], dim=-1).index_select(0, order)
+        grad_angles = torch.empty_like(angles)
+        for layer in range(layers - 1, -1, -1):
+            pairs = both[: 2 * m].reshape(m, 2, 2 * cols)
+            y, g = pairs[..., :cols], pairs[..., cols:]
+            products = torch.bmm(g, y.mT)  # (m, 2, 2): [i, r, s] = sum_B g_r y_s
+            grad_angles[layer] = products[:, 0, 1] - products[:, 1, 0]
+            both = _rotate_pairs(both, blocks[layer]).index_select(0, undo[layer])
+        grad_y = both[:, cols:] if ctx.needs_input_grad[0] else None
+        return grad_y, grad_angles if ctx.needs_input_grad[1] else None, None, None
