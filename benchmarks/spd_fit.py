@@ -12,10 +12,16 @@ excess loss ``(L − L*) / (L(I) − L*)`` falls below ``--target``. For each me
 learning rate with the smallest median steps over the seeds is kept (a run that misses the
 target counts as ``--max-steps``). Printed: a Markdown table per ``n``.
 
-Methods: ``p4`` (``PositiveDefinite()`` defaults: projected, rank n, merges every 10 steps;
-log-det by ``pert.logabsdet()``), variants of its rank, rule and merge interval,
-``geoopt`` (``ManifoldParameter`` on ``SymmetricPositiveDefinite``, log-det by ``slogdet``)
-and ``cholesky`` (``P = L Lᵀ``, ``L`` lower triangular with diagonal ``exp(d)``, log-det ``2 Σ d``).
+The problem is the ``spd`` task of ``p4opt compare`` (``p4opt.studies.tasks.PrecisionML``,
+here in float64) and ``p4``, ``geoopt``, ``cholesky`` are its methods ``p4-spd``, ``geoopt-spd``
+and ``cholesky`` (``p4opt.studies.baselines``). Methods: ``p4`` (``PositiveDefinite()``
+defaults: projected, rank n, merges every 10 steps; log-det by ``pert.logabsdet()``), variants
+of its rank, rule and merge interval, ``geoopt`` (``ManifoldParameter`` on
+``SymmetricPositiveDefinite``, log-det by ``slogdet``) and ``cholesky`` (``P = L Lᵀ``, ``L``
+lower triangular with diagonal ``exp(d)``, log-det ``2 Σ d``). This script differs from
+``p4opt compare --task spd`` in what it reports: it stops each run at the target, counts a
+step when the loss evaluated before it is within the target, and times steps relative to
+``cholesky``.
 
 Example: ``python benchmarks/spd_fit.py`` (n = 16 and 64, 3 seeds, about ten minutes on
 2 cores); ``--quick`` for a one-seed smoke run.
@@ -34,9 +40,12 @@ from pathlib import Path
 import torch
 
 import p4opt
+from p4opt.studies import baselines
+from p4opt.studies.baselines import Constrained, P4Weight
+from p4opt.studies.tasks import PrecisionML
 
 Step = Callable[[], float]
-Make = Callable[[torch.Tensor, float], Step]
+Make = Callable[[PrecisionML, float], Step]
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,108 +62,73 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def problem(n: int, samples: int, seed: int) -> torch.Tensor:
-    """Sample covariance ``S`` of ``samples`` draws from a random Gaussian (float64)."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
-    eig = 10 ** (2 * torch.rand(n, generator=g, dtype=torch.float64) - 1)
-    x = torch.randn(samples, n, generator=g, dtype=torch.float64) @ (q * eig.sqrt()) @ q.mT
-    return x.mT @ x / samples
+def problem(n: int, samples_per_dim: int, seed: int) -> PrecisionML:
+    """The ``spd`` task of ``p4opt compare`` in float64 (``S`` is ``task.covariance``)."""
+    return PrecisionML(n, seed, torch.float64, samples_per_dim=samples_per_dim)
 
 
-def loss_of(s: torch.Tensor, p: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
-    return (p * s).sum() / 2 - logdet / 2
-
-
-def steps_to_target(s: torch.Tensor, step: Step, max_steps: int, target: float) -> int:
-    n = s.shape[0]
-    best = n / 2 + float(torch.linalg.slogdet(s)[1]) / 2
-    start = float(torch.trace(s)) / 2
+def steps_to_target(task: PrecisionML, step: Step, max_steps: int, target: float) -> int:
+    """Steps until the loss before a step is within ``target`` (``max_steps + 1``: missed)."""
     for i in range(1, max_steps + 1):
         loss = step()
         if not math.isfinite(loss):
             return max_steps + 1
-        if (loss - best) / (start - best) <= target:
+        if task.relative(loss) <= target:
             return i
     return max_steps + 1
 
 
-def p4_method(**options: object) -> Make:
-    merge_every = options.pop("merge_every", None)
-    fraction = options.pop("rank_fraction", None)
+def _stepper(task: PrecisionML, holder: Constrained, opt: torch.optim.Optimizer) -> Step:
+    def step() -> float:
+        loss = task.loss(holder)  # log det as the holder tracks it
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
 
-    def make(s: torch.Tensor, lr: float) -> Step:
-        n = s.shape[0]
-        if fraction is not None:
-            options["rank"] = max(1, int(fraction * n))  # type: ignore[operator]
-        holder = torch.nn.Linear(n, n, bias=False, dtype=torch.float64)
-        with torch.no_grad():
-            holder.weight.copy_(torch.eye(n))
-        pert = p4opt.register(holder, "weight", p4opt.PositiveDefinite(seed=0, **options))
-        opt = p4opt.P4Optimizer(torch.optim.Adam(holder.parameters(), lr=lr),
-                                merge_every=merge_every)  # type: ignore[arg-type]
+    return step
 
-        def step() -> float:
-            loss = loss_of(s, holder.weight, pert.logabsdet())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            return loss.item()
 
-        return step
+def library_method(name: str) -> Make:
+    """A method of ``p4opt compare`` (``p4-spd``, ``geoopt-spd``, ``cholesky``) at its defaults."""
+
+    def make(task: PrecisionML, lr: float) -> Step:
+        holder = baselines.get(name).build(task.initial(), 0)
+        return _stepper(task, holder, holder.optimizer(lr))
 
     return make
 
 
-def geoopt_method(s: torch.Tensor, lr: float) -> Step:
-    import geoopt
+def p4_variant(merge_every: int | None = None, rank_fraction: float | None = None,
+               **options: object) -> Make:
+    """``PositiveDefinite`` with other options than the defaults (rank, rule, merge interval)."""
 
-    n = s.shape[0]
-    p = geoopt.ManifoldParameter(torch.eye(n, dtype=torch.float64),
-                                 manifold=geoopt.SymmetricPositiveDefinite())
-    opt = geoopt.optim.RiemannianAdam([p], lr=lr)
+    def make(task: PrecisionML, lr: float) -> Step:
+        extra = dict(options)
+        if rank_fraction is not None:
+            extra["rank"] = max(1, int(rank_fraction * task.n))
+        holder = P4Weight(task.initial(), 0, "PositiveDefinite", **extra)
+        opt = p4opt.P4Optimizer(torch.optim.Adam(holder.parameters(), lr=lr),
+                                merge_every=merge_every)
+        return _stepper(task, holder, opt)
 
-    def step() -> float:
-        loss = loss_of(s, p, torch.linalg.slogdet(p)[1])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return loss.item()
-
-    return step
-
-
-def cholesky_method(s: torch.Tensor, lr: float) -> Step:
-    n = s.shape[0]
-    z = torch.zeros(n, n, dtype=torch.float64, requires_grad=True)
-    d = torch.zeros(n, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.Adam([z, d], lr=lr)
-
-    def step() -> float:
-        low = torch.tril(z, -1) + torch.diag(d.exp())
-        loss = loss_of(s, low @ low.mT, 2 * d.sum())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return loss.item()
-
-    return step
+    return make
 
 
 METHODS: dict[str, Make] = {
-    "p4": p4_method(),
-    "p4-merge-1": p4_method(merge_every=1),
-    "p4-rank-n/4": p4_method(rank_fraction=0.25),
-    "p4-rank-n/4-merge-1": p4_method(rank_fraction=0.25, merge_every=1),
-    "p4-factored-rank-4": p4_method(update="factored", rank=4),
-    "geoopt": geoopt_method,
-    "cholesky": cholesky_method,
+    "p4": library_method("p4-spd"),
+    "p4-merge-1": p4_variant(merge_every=1),
+    "p4-rank-n/4": p4_variant(rank_fraction=0.25),
+    "p4-rank-n/4-merge-1": p4_variant(rank_fraction=0.25, merge_every=1),
+    "p4-factored-rank-4": p4_variant(update="factored", rank=4),
+    "geoopt": library_method("geoopt-spd"),
+    "cholesky": library_method("cholesky"),
 }
 
 
-def time_per_step(names: list[str], s: torch.Tensor, repeats: int = 5, steps: int = 20) -> dict:
+def time_per_step(names: list[str], task: PrecisionML, repeats: int = 5, steps: int = 20) -> dict:
     """Seconds per step of each method, blocks of ``steps`` interleaved, best of ``repeats``."""
-    runs = {name: METHODS[name](s, 1e-3) for name in names}
+    runs = {name: METHODS[name](task, 1e-3) for name in names}
     for step in runs.values():
         step()
     best = dict.fromkeys(names, math.inf)
@@ -189,8 +163,8 @@ def main() -> None:
                     if steps and steps[0] > args.max_steps:  # seed 0 missed: lr out of range
                         steps.append(args.max_steps + 1)
                         continue
-                    s = problem(n, args.samples_per_dim * n, seed)
-                    steps.append(steps_to_target(s, METHODS[name](s, lr), args.max_steps,
+                    task = problem(n, args.samples_per_dim, seed)
+                    steps.append(steps_to_target(task, METHODS[name](task, lr), args.max_steps,
                                                  args.target))
                     records.append({"n": n, "method": name, "lr": lr, "seed": seed,
                                     "steps": steps[-1]})
@@ -198,7 +172,7 @@ def main() -> None:
                 if best is None or median < best[2]:
                     best = (lr, steps, median)
             rows[name] = best
-        seconds = time_per_step(names, problem(n, args.samples_per_dim * n, 0))
+        seconds = time_per_step(names, problem(n, args.samples_per_dim, 0))
         for name, (lr, steps, median) in rows.items():
             ratio = seconds[name] / seconds["cholesky"] if "cholesky" in seconds else math.nan
             shown = ", ".join(str(x) if x <= args.max_steps else "missed" for x in steps)

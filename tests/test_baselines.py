@@ -9,17 +9,22 @@ import torch
 
 from p4opt.studies import baselines
 from p4opt.studies.baselines import MissingDependencyError, constraint_errors
-from p4opt.studies.tasks import random_orthogonal
+from p4opt.studies.tasks import PrecisionML, random_orthogonal
+from p4opt.studies.tasks.runner import train
 from p4opt.studies.tasks.stiefel import random_stiefel
 
 ORTHOGONAL = [m.name for m in baselines.methods("orthogonal")]
 INVERTIBLE = [m.name for m in baselines.methods("invertible")]
+SPD = [m.name for m in baselines.methods("spd")]
 
 
 def _start(family: str, n: int, dtype: torch.dtype) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     if family == "orthogonal":
         return random_orthogonal(n, g, det=1.0).to(dtype)
+    if family == "spd":
+        a = torch.randn(n, n, generator=g, dtype=torch.float64)
+        return (torch.eye(n, dtype=torch.float64) + 0.1 * a @ a.mT).to(dtype)
     noise = torch.randn(n, n, generator=g, dtype=torch.float64)
     w = torch.eye(n, dtype=torch.float64) + 0.2 * noise
     if torch.det(w) < 0:  # geotorch.invertible needs det > 0
@@ -149,3 +154,70 @@ def test_orthogonal_peer_trains_a_stiefel_weight(name: str, shape: tuple[int, in
         opt.zero_grad()
     assert float((holder.weight().detach() - init).abs().max()) > 1e-3  # it trained
     assert constraint_errors(holder, "orthogonal")["orthogonality"] <= 1e-5
+
+
+def test_spd_methods_are_the_three_compared() -> None:
+    assert SPD == ["p4-spd", "geoopt-spd", "cholesky"]
+    assert [baselines.get(name).p4 for name in SPD] == [True, False, False]
+    for name in SPD:
+        grid = baselines.get(name).lr_grid
+        assert len(grid) == 3 and list(grid) == sorted(grid)
+
+
+@pytest.mark.parametrize("name", SPD)
+def test_spd_method_starts_at_init_and_tracks_logdet_float64(name: str) -> None:
+    method = _method(name)
+    init = _start("spd", 10, torch.float64)
+    holder = method.build(init, seed=0)
+    assert float((holder.weight().detach() - init).abs().max()) <= 1e-10
+    task = PrecisionML(10, seed=1, dtype=torch.float64)
+    opt = holder.optimizer(method.lr_grid[1])
+    for _ in range(12):  # past the first merge of p4-spd (every 10 steps)
+        task.loss(holder).backward()
+        opt.step()
+        opt.zero_grad()
+    w = holder.weight().detach()
+    assert float((w - init).abs().max()) > 1e-3  # it trained
+    errors = constraint_errors(holder, "spd")
+    assert set(errors) == {"symmetry", "logdet_error"}
+    assert errors["symmetry"] <= 1e-12 and errors["logdet_error"] <= 1e-9
+    y = torch.randn(4, 10, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expected = torch.linalg.solve(w, y.mT).mT
+    assert float((holder.solve(y).detach() - expected).abs().max()) <= 1e-9
+
+
+@pytest.mark.parametrize("name", SPD)
+def test_spd_method_reaches_the_target_at_n8(name: str) -> None:
+    method = _method(name)
+    task = PrecisionML(8, seed=0, dtype=torch.float64)
+    run = train(method, task, method.lr_grid[1], 200, stop_at_target=True)
+    assert run.steps_to_target is not None and run.steps_to_target <= 200
+    assert run.relative[-1] <= task.target
+    assert run.relative[0] == pytest.approx(1.0, abs=1e-12)  # every method starts at I
+    assert run.constraint["logdet_error"] <= 1e-9
+
+
+def test_cholesky_logdet_is_twice_the_log_diagonal_and_init_is_checked() -> None:
+    init = _start("spd", 6, torch.float64)
+    holder = baselines.Cholesky(init)
+    assert torch.allclose(holder.factor().detach(), torch.linalg.cholesky(init), atol=1e-12)
+    with torch.no_grad():
+        holder.log_diag.add_(0.3)
+        holder.lower.add_(torch.ones(6, 6, dtype=torch.float64))  # upper part is ignored
+    w, tracked = holder.weight().detach(), holder.logabsdet().detach()
+    assert float(tracked) == pytest.approx(float(torch.logdet(w)), abs=1e-10)
+    assert float(tracked - 2 * holder.log_diag.detach().sum()) == 0.0
+    with pytest.raises(ValueError, match="symmetric positive definite"):
+        baselines.Cholesky(-init)
+    with pytest.raises(ValueError, match="symmetric positive definite"):
+        baselines.Cholesky(init + torch.triu(torch.ones(6, 6, dtype=torch.float64), 1))
+    with pytest.raises(ValueError, match="square matrix"):
+        baselines.Cholesky(torch.ones(3, 4, dtype=torch.float64))
+
+
+def test_spd_constraint_errors_flag_an_indefinite_weight_and_bad_family() -> None:
+    holder = baselines.Dense(torch.diag(torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64)))
+    errors = constraint_errors(holder, "spd")
+    assert errors["logdet_error"] == float("inf") and errors["symmetry"] == 0.0
+    with pytest.raises(ValueError, match="family must be"):
+        constraint_errors(holder, "unitary")  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ import p4opt
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 import bad_input_campaign as campaign  # noqa: E402
+import spd_fit  # noqa: E402
 
 EVERYDAY = ("float32", "float64")
 
@@ -32,3 +33,11 @@ def test_a_wrong_shape_is_a_clear_error():
             "inject_step": 0, "update": None, "misuse": None, "seed": 0}
     outcome, detail = campaign.run_case(case)
     assert outcome == "clear error" and detail.startswith(p4opt.ShapeError.__name__)
+
+
+def test_spd_fit_runs_the_library_task_and_methods():
+    task = spd_fit.problem(8, 10, 0)
+    assert task.batch == 80 and task.covariance.dtype.is_floating_point
+    for name, lr in (("p4", 0.03), ("p4-rank-n/4", 0.03), ("geoopt", 0.3), ("cholesky", 0.1)):
+        steps = spd_fit.steps_to_target(task, spd_fit.METHODS[name](task, lr), 300, 1e-4)
+        assert steps <= 300, name

@@ -56,6 +56,35 @@ def test_compare_end_to_end_writes_json_and_figures(tmp_path: Path, capsys) -> N
     assert Study.from_dict(result).tasks[0].methods[0].name == "p4-householder"
 
 
+def test_compare_spd_task_has_a_row_per_method(tmp_path: Path, capsys) -> None:
+    result = _compare(tmp_path, "--task", "spd", "--no-plot")
+    (task,) = result["tasks"]
+    assert (task["task"], task["family"], task["n"], task["batch"]) == ("spd", "spd", 8, 80)
+    assert [m["name"] for m in task["methods"]] == ["p4-spd", "geoopt-spd", "cholesky"]
+    for entry in task["methods"]:
+        assert entry["status"] == "ok", entry["reason"]
+        (trial,) = entry["trials"]
+        (run,) = trial["runs"]
+        assert run["relative"][0] == pytest.approx(1.0, abs=1e-5)  # all start at P = I
+        assert entry["final_rel"] < 0.9 and entry["step_cost_ratio"] > 0
+        assert entry["constraint"]["symmetry"] <= 1e-6
+        assert entry["constraint"]["logdet_error"] <= 1e-4  # float32 weights
+    out = capsys.readouterr().out
+    assert "spd n=8 batch=80" in out and "sym " in out and "geoopt-spd" in out
+
+
+def test_compare_spd_reaches_the_target_with_every_method(tmp_path: Path) -> None:
+    argv = ["compare", "--task", "spd", "--n", "8", "--steps", "250", "--repeats", "1",
+            "--no-plot", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    study = read_json(tmp_path / "results.json")
+    (task,) = study.tasks
+    for method in task.methods:
+        assert method.lr in method.lr_grid and len(method.trials) == 3
+        assert method.steps_to_target is not None and method.steps_to_target <= 250
+        assert method.chosen().succeeded == 1
+
+
 def test_compare_skips_missing_geoopt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "geoopt", None)
     result = _compare(tmp_path, "--task", "procrustes", "--no-plot")
@@ -89,6 +118,43 @@ def test_train_reaches_target_and_records_the_run() -> None:
     assert run.steps == run.steps_to_target and run.seconds_to_target is not None
     assert run.max_rel_after_target == run.final_rel <= task.target
     assert run.constraint["logdet_error"] <= 1e-9
+
+
+class _BreaksAt(torch.optim.SGD):
+    """SGD that raises ``error`` on its ``at``-th step (counting from 1)."""
+
+    def __init__(self, params, lr: float, at: int, error: Exception) -> None:
+        super().__init__(params, lr=lr)
+        self.calls, self.at, self.error = 0, at, error
+
+    def step(self, closure=None):  # type: ignore[override]
+        self.calls += 1
+        if self.calls == self.at:
+            raise self.error
+        return super().step(closure)
+
+
+def _breaking_method(at: int, error: Exception) -> baselines.Method:
+    class Holder(baselines.Cholesky):
+        def optimizer(self, lr: float) -> torch.optim.Optimizer:
+            return _BreaksAt(self.parameters(), lr, at, error)
+
+    return baselines.Method("breaks", "spd", Holder, (1e-2,))
+
+
+def test_train_counts_a_linear_algebra_breakdown_as_divergence() -> None:
+    task = tasks.make("spd", 6, dtype=torch.float64)
+    failed = torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+    run = train(_breaking_method(3, failed), task, 1e-2, 50)
+    assert len(run.relative) == 4 and run.relative[-1] == float("inf") and run.steps == 3
+    assert run.final_rel == float("inf") and run.steps_to_target is None
+    assert summarize(1e-2, [run], task.target).succeeded == 0
+    scripted = RuntimeError("TorchScript ... RuntimeError: linalg.eigh: failed to converge")
+    assert train(_breaking_method(2, scripted), task, 1e-2, 50).final_rel == float("inf")
+    with pytest.raises(RuntimeError, match="a bug"):  # other errors are not swallowed
+        train(_breaking_method(3, RuntimeError("a bug")), task, 1e-2, 50)
+    with pytest.raises(torch.linalg.LinAlgError):  # nor a failure of the very first step
+        train(_breaking_method(1, failed), task, 1e-2, 50)
 
 
 def _record(lr: float, relative: list[float], seed: int = 0) -> RunRecord:

@@ -7,7 +7,14 @@ import torch
 
 from p4opt import linalg
 from p4opt.studies import tasks
-from p4opt.studies.tasks import GaussianML, Procrustes, StiefelTall, StiefelWide, TeacherRNN
+from p4opt.studies.tasks import (
+    GaussianML,
+    PrecisionML,
+    Procrustes,
+    StiefelTall,
+    StiefelWide,
+    TeacherRNN,
+)
 
 
 def _skew(n: int, scale: float, seed: int) -> torch.Tensor:
@@ -73,6 +80,10 @@ def test_tasks_are_seeded_and_start_feasible(name: str) -> None:
         if start.shape[0] == start.shape[1]:  # one connected component of O(n)
             det = float(torch.det(a.solution()))
             assert float(torch.det(start)) == pytest.approx(det, abs=1e-6)
+    elif a.family == "spd":
+        for w in (start, a.solution()):
+            assert torch.equal(w, w.mT) or float((w - w.mT).abs().max()) <= 1e-12
+            assert int(torch.linalg.cholesky_ex(w)[1]) == 0  # positive definite
     else:
         assert float(torch.det(start)) > 0
     assert tasks.make(name, 6, seed=5).relative(0.0) <= 0.0
@@ -100,3 +111,52 @@ def test_stiefel_truth_is_the_unique_zero_of_the_loss(cls) -> None:
         rot = torch.linalg.matrix_exp(_skew(long, 1e-3, seed))
         moved = rot @ truth if cls is StiefelTall else truth @ rot
         assert float(task.objective(moved)) > 1e-10
+
+
+def _spd_direction(n: int, seed: int) -> torch.Tensor:
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (a + a.mT) / 2
+
+
+def test_precision_ml_optimum_is_the_loss_at_the_inverse_covariance() -> None:
+    task = PrecisionML(10, seed=3, dtype=torch.float64)
+    assert task.batch == 100 and task.family == "spd" and task.shape == (10, 10)
+    s = task.covariance
+    p = torch.linalg.inv(s)
+    assert float((task.solution() - p).abs().max()) <= 1e-10
+    assert abs(float(task.objective(p)) - task.optimum) <= 1e-10
+    expected = 0.5 * float(torch.trace(p @ s)) - 0.5 * float(torch.linalg.slogdet(p)[1])
+    assert abs(task.optimum - expected) <= 1e-10
+    w = task.solution().requires_grad_(True)
+    (grad,) = torch.autograd.grad(task.objective(w), w)  # S/2 - P^{-1}/2 = 0 at P = S^{-1}
+    assert float(grad.abs().max()) <= 1e-10
+    for seed in range(3):  # symmetric moves that keep P positive definite are worse
+        moved = p + 1e-3 * _spd_direction(10, seed)
+        assert float(task.objective(moved)) > task.optimum
+    # the start is I and its relative loss is 1 by definition of the scale
+    assert torch.equal(task.initial(), torch.eye(10, dtype=torch.float64))
+    assert task.relative(float(task.objective(task.initial()))) == pytest.approx(1.0, abs=1e-12)
+    assert task.scale == pytest.approx(0.5 * float(torch.trace(s)) - task.optimum, abs=1e-12)
+
+
+def test_precision_ml_uses_the_given_logdet_and_checks_its_input() -> None:
+    task = PrecisionML(6, dtype=torch.float64)
+    p = task.solution()
+    shifted = task.objective(p, torch.linalg.slogdet(p)[1] + 2.0)
+    assert float(shifted) == pytest.approx(task.optimum - 1.0, abs=1e-12)
+    with pytest.raises(ValueError, match=r"shape \(6, 6\)"):
+        task.objective(torch.eye(5, dtype=torch.float64))
+    for bad in (1, 2.5, True):
+        with pytest.raises(ValueError, match="samples_per_dim"):
+            PrecisionML(6, samples_per_dim=bad)  # type: ignore[arg-type]
+    assert PrecisionML(6, samples_per_dim=3).batch == 18
+
+
+def test_precision_ml_covariance_spectrum_and_float32_loss() -> None:
+    task = PrecisionML(32, seed=1)  # float32 as p4opt compare builds it
+    assert task.covariance.dtype == torch.float64 and task.initial().dtype == torch.float32
+    eig = torch.linalg.eigvalsh(task.covariance)
+    assert 0.01 < float(eig.min()) and float(eig.max()) < 40.0  # [0.1, 10] up to sampling
+    p = task.solution()
+    rel = task.relative(float(task.objective(p.float())))
+    assert abs(rel) <= 1e-4  # float32 rounding of the loss stays well below the target

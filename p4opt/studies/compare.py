@@ -55,7 +55,7 @@ legend: lr = learning rate chosen from the method's grid (rule: p4opt compare --
         ok = seeds whose run reached the target and stayed below 10x it
         final rel = relative loss (L - L*) / scale after the last step (0 = optimum)
         constraint error = orth max|WᵀW - I|; logdet |tracked - float64 slogdet|;
-                   inv max|W solve(I) - I|, at the end of the run"""
+                   inv max|W solve(I) - I|; sym max|W - Wᵀ| (spd), at the end of the run"""
 
 
 class EmptySelectionError(ValueError):
@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="matrix size for every task (default: 64 with --task, else per task)")
     parser.add_argument("--steps", type=int, metavar="S",
                         help="optimizer steps per run; 0 times steps only "
-                        "(default: per task, 300-400; at most 30 with --quick)")
+                        "(default: per task, 300-600; at most 30 with --quick)")
     parser.add_argument("--methods", nargs="+", metavar="NAME", choices=names,
                         help=f"methods to run (default: all that apply): {', '.join(names)}")
     parser.add_argument("--quick", action="store_true",

@@ -9,7 +9,7 @@ from p4opt.errors import P4Error
 __all__ = ["Family", "MissingDependencyError"]
 
 #: The constraint a comparison method keeps and a task needs.
-Family = Literal["orthogonal", "invertible"]
+Family = Literal["orthogonal", "invertible", "spd"]
 
 
 class MissingDependencyError(P4Error, ImportError):

@@ -31,9 +31,9 @@ from p4opt.studies.baselines.base import (
     missing_modules,
     orthogonality_error,
 )
-from p4opt.studies.baselines.dense import LU, Dense, Plain
+from p4opt.studies.baselines.dense import LU, Cholesky, Dense, Plain
 from p4opt.studies.baselines.p4 import P4Weight
-from p4opt.studies.baselines.peers import GeooptStiefel, Geotorch, TorchOrthogonal
+from p4opt.studies.baselines.peers import GeooptSPD, GeooptStiefel, Geotorch, TorchOrthogonal
 
 __all__ = [
     "Constrained",
@@ -50,8 +50,10 @@ __all__ = [
     "Dense",
     "Plain",
     "LU",
+    "Cholesky",
     "P4Weight",
     "GeooptStiefel",
+    "GeooptSPD",
     "Geotorch",
     "TorchOrthogonal",
 ]
@@ -173,6 +175,31 @@ METHODS: tuple[Method, ...] = (
         _ADAM,
         requires=("geotorch",),
         description="geotorch.invertible (det > 0) with slogdet/solve, Adam",
+    ),
+    Method(
+        "p4-spd",
+        "spd",
+        partial(P4Weight, family="PositiveDefinite"),
+        _ADAM,
+        requires=("p4opt:PositiveDefinite",),
+        p4=True,
+        description="P⁴ PositiveDefinite at the library defaults (p4opt.PositiveDefinite()), "
+        "tracked log det, Adam",
+    ),
+    Method(
+        "geoopt-spd",
+        "spd",
+        GeooptSPD,
+        _RIEMANN,
+        requires=("geoopt",),
+        description="geoopt RiemannianAdam on SymmetricPositiveDefinite, slogdet",
+    ),
+    Method(
+        "cholesky",
+        "spd",
+        Cholesky,
+        (1e-2, 3e-2, 1e-1),
+        description="P = L L^T, L lower triangular with exp diagonal, log det 2 sum(d), Adam",
     ),
 )
 

@@ -94,11 +94,11 @@ class Method:
     ----------
     name : str
         Short label used in tables, JSON and ``--methods``.
-    family : {"orthogonal", "invertible"}
+    family : {"orthogonal", "invertible", "spd"}
         The constraint it keeps (tasks of that family apply).
     factory : callable
         ``factory(init, seed)`` returns a :class:`Constrained` holder starting
-        at the feasible matrix ``init`` (shape (n, n)).
+        at the feasible matrix ``init`` (shape (n, n), or (n, p) on the Stiefel tasks).
     lr_grid : tuple of float
         Learning rates tried by ``p4opt compare`` (the best one is kept).
     requires : tuple of str
@@ -157,11 +157,24 @@ def constraint_errors(holder: Constrained, family: Family) -> dict[str, float]:
 
     ``orthogonality`` for the orthogonal family; for the invertible family
     ``logdet_error`` (tracked :math:`\log|\det W|` against float64
-    ``slogdet``) and ``inverse_error`` (:math:`\lVert W\,\mathrm{solve}(I) - I\rVert_{\max}`).
+    ``slogdet``) and ``inverse_error`` (:math:`\lVert W\,\mathrm{solve}(I) - I\rVert_{\max}`);
+    for the spd family ``symmetry`` (:math:`\lVert W - W^T\rVert_{\max}`) and
+    ``logdet_error`` (tracked :math:`\log\det W` against float64 Cholesky of
+    :math:`(W + W^T)/2`; infinite when that factorization fails, i.e. :math:`W` is not
+    positive definite).
+
+    Raises
+    ------
+    ValueError
+        When ``family`` is not one of ``"orthogonal"``, ``"invertible"``, ``"spd"``.
     """
+    if family not in ("orthogonal", "invertible", "spd"):
+        raise ValueError(f"family must be 'orthogonal', 'invertible' or 'spd', got {family!r}")
     w = holder.weight().detach()
     if family == "orthogonal":
         return {"orthogonality": orthogonality_error(w)}
+    if family == "spd":
+        return _spd_errors(holder, w)
     ref_sign, ref = torch.linalg.slogdet(w.to(torch.float64))
     tracked = float(holder.logabsdet())
     logdet_error = abs(tracked - float(ref)) if float(ref_sign) != 0 else math.inf
@@ -169,3 +182,14 @@ def constraint_errors(holder: Constrained, family: Family) -> dict[str, float]:
     inv = holder.solve(eye).mT.to(torch.float64)
     inverse_error = float((w.to(torch.float64) @ inv - eye.to(torch.float64)).abs().amax())
     return {"logdet_error": logdet_error, "inverse_error": inverse_error}
+
+
+def _spd_errors(holder: Constrained, weight: Tensor) -> dict[str, float]:
+    """``symmetry`` and ``logdet_error`` of an SPD holder (see :func:`constraint_errors`)."""
+    w = weight.to(torch.float64)
+    symmetry = float((w - w.mT).abs().amax())
+    factor, info = torch.linalg.cholesky_ex((w + w.mT) / 2)
+    if int(info) != 0:
+        return {"symmetry": symmetry, "logdet_error": math.inf}
+    ref = 2 * float(factor.diagonal().log().sum())
+    return {"symmetry": symmetry, "logdet_error": abs(float(holder.logabsdet()) - ref)}

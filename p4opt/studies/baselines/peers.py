@@ -11,7 +11,7 @@ from torch.nn.utils import parametrizations
 from p4opt._typing import Tensor
 from p4opt.studies.baselines.base import Constrained, _as_linear
 
-__all__ = ["GeooptStiefel", "Geotorch", "TorchOrthogonal"]
+__all__ = ["GeooptStiefel", "GeooptSPD", "Geotorch", "TorchOrthogonal"]
 
 
 class GeooptStiefel(Constrained):
@@ -45,6 +45,38 @@ class GeooptStiefel(Constrained):
         if self.kind == "adam":
             return optim.RiemannianAdam([self.q], lr=lr)
         return optim.RiemannianSGD([self.q], lr=lr, momentum=0.9)
+
+
+class GeooptSPD(Constrained):
+    r"""A ``geoopt.ManifoldParameter`` on ``geoopt.SymmetricPositiveDefinite()``, RiemannianAdam.
+
+    Each step turns the Euclidean gradient :math:`G` into the Riemannian one of the
+    affine-invariant metric (:math:`P\,\mathrm{sym}(G)\,P`), retracts by
+    :math:`P + U + \tfrac12 U P^{-1} U` and transports Adam's moment with matrix square
+    roots, logarithm and exponential (eigendecompositions): :math:`O(n^3)` per step. Log det
+    and solves are dense (``slogdet`` and ``solve``, :math:`O(n^3)`).
+
+    Parameters
+    ----------
+    init : Tensor, shape (n, n)
+        Symmetric positive-definite starting matrix (its dtype is kept).
+    seed : int
+        Unused (the construction is deterministic).
+    """
+
+    def __init__(self, init: Tensor, seed: int = 0) -> None:
+        super().__init__()
+        geoopt = importlib.import_module("geoopt")
+        self.p = geoopt.ManifoldParameter(
+            init.detach().clone(), manifold=geoopt.SymmetricPositiveDefinite()
+        )
+
+    def weight(self) -> Tensor:
+        return self.p
+
+    def optimizer(self, lr: float) -> torch.optim.Optimizer:
+        optim = importlib.import_module("geoopt.optim")
+        return optim.RiemannianAdam([self.p], lr=lr)
 
 
 class Geotorch(Constrained):

@@ -1,8 +1,8 @@
 r"""Built-in comparison tasks (used by ``p4opt compare``, the examples and the benchmarks).
 
 Every task is seeded and full-batch, trains one weight (square, or rectangular for the
-Stiefel tasks) under the
-constraint of its ``family``, and knows its optimum so that progress is a
+Stiefel tasks; symmetric positive definite for ``spd``) under the constraint of its
+``family``, and knows its optimum so that progress is a
 relative loss gap with a ``target``.
 
 Examples
@@ -21,6 +21,7 @@ from p4opt.studies.tasks.base import Task, random_orthogonal
 from p4opt.studies.tasks.gaussian import GaussianML
 from p4opt.studies.tasks.procrustes import Procrustes
 from p4opt.studies.tasks.rnn import TeacherRNN
+from p4opt.studies.tasks.spd import PrecisionML
 from p4opt.studies.tasks.stiefel import StiefelTall, StiefelWide
 
 __all__ = [
@@ -33,11 +34,13 @@ __all__ = [
     "TeacherRNN",
     "StiefelTall",
     "StiefelWide",
+    "PrecisionML",
 ]
 
 #: Task classes by name.
 TASKS: dict[str, type[Task]] = {
-    t.name: t for t in (Procrustes, GaussianML, TeacherRNN, StiefelTall, StiefelWide)
+    t.name: t
+    for t in (Procrustes, GaussianML, TeacherRNN, StiefelTall, StiefelWide, PrecisionML)
 }
 
 

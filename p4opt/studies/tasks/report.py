@@ -16,7 +16,8 @@ CLIP_FACTOR = 10.0
 #: that reached the target (slower curves are cut, and the figure says so).
 TIME_CUT = 3.0
 
-_SHORT = {"orthogonality": "orth", "logdet_error": "logdet", "inverse_error": "inv"}
+_SHORT = {"orthogonality": "orth", "logdet_error": "logdet", "inverse_error": "inv",
+          "symmetry": "sym"}
 
 
 def _num(value: float | None, fmt: str) -> str:

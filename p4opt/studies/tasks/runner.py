@@ -41,6 +41,11 @@ def train(
     the run ends when the relative loss reaches the target. The constraint
     figures are measured at the end (not timed). ``seed`` seeds the method
     (e.g. a perturbation's generator); the task carries its own seed.
+
+    A linear-algebra breakdown after the first step (an eigen-, Cholesky or LU
+    factorization inside the loss or the optimizer step that fails, as a Riemannian
+    retraction can at a large learning rate) ends the run as diverged: its last
+    relative loss is ``inf``. Any other error, and any error in the first step, is raised.
     """
     torch.manual_seed(seed)
     holder = method.build(task.initial(), seed)
@@ -48,8 +53,13 @@ def train(
     run = RunRecord(task.name, task.n, method.name, lr, task.seed)
     start = time.perf_counter()
     for step in range(steps + 1):
-        loss = task.loss(holder)
-        value = task.relative(loss.item())
+        try:
+            loss = task.loss(holder)
+            value = task.relative(loss.item())
+        except RuntimeError as err:
+            if step == 0 or not _breakdown(err):
+                raise
+            value = math.inf  # the previous step left a point the loss cannot be taken at
         run.relative.append(value)
         run.seconds.append(time.perf_counter() - start)
         if run.steps_to_target is None and value <= task.target:
@@ -58,8 +68,15 @@ def train(
                 break
         if step == steps or not math.isfinite(value):
             break
-        loss.backward()
-        optimizer.step()
+        try:
+            loss.backward()
+            optimizer.step()
+        except RuntimeError as err:
+            if step == 0 or not _breakdown(err):
+                raise
+            run.relative.append(math.inf)  # the step broke down: the run diverged here
+            run.seconds.append(time.perf_counter() - start)
+            break
         optimizer.zero_grad()
     run.steps = len(run.relative) - 1
     last = run.relative[-1]
@@ -69,6 +86,11 @@ def train(
         run.max_rel_after_target = max(v if math.isfinite(v) else math.inf for v in after)
     run.constraint = constraint_errors(holder, method.family)
     return run
+
+
+def _breakdown(err: RuntimeError) -> bool:
+    """Whether ``err`` is a failed matrix factorization (also when raised from TorchScript)."""
+    return isinstance(err, torch.linalg.LinAlgError) or "linalg." in str(err)
 
 
 def _median(values: Sequence[float]) -> float | None:
