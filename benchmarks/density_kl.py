@@ -114,6 +114,8 @@ def main() -> None:
     parser.add_argument("--lrs", type=float, nargs="+", default=[2e-3, 5e-3, 1e-2],
                         help="learning-rate grid (default 2e-3 5e-3 1e-2)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per setting (default 1)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="first seed: runs seeds first..first+seeds-1 (default 0)")
     parser.add_argument("--test", type=int, default=20_000, help="held-out samples")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
     parser.add_argument("--out", default="results/density_kl.json", help="JSON output")
@@ -125,7 +127,7 @@ def main() -> None:
     for name in names:
         for method in methods:
             for lr in args.lrs:
-                for seed in range(args.seeds):
+                for seed in range(args.first_seed, args.first_seed + args.seeds):
                     records.append(run(method, name, lr, seed, args))
                     r = records[-1]
                     print(f"[{len(records)}/{total}] {name} {method} lr={lr:g} seed={seed}: "
