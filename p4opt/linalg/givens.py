@@ -154,7 +154,10 @@ def givens_layers_apply(x: Tensor, angles: Tensor, perms: Tensor) -> Tensor:
     columns = x.reshape(-1, n).mT  # (n, B): the gathers move whole rows
     # in the tensors' own dtype, also under autocast (a bfloat16 product would round the
     # rotation to 3 digits; the layer's product with its input autocasts as usual)
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            out = _GivensLayers.apply(columns, angles.to(x.dtype), moves, inverse[-1])
+    else:
         out = _GivensLayers.apply(columns, angles.to(x.dtype), moves, inverse[-1])
     return out.mT.reshape(x.shape)
 
