@@ -44,7 +44,7 @@ from p4opt.linalg.refine import (
     refine_inverse,
     refine_orthogonal,
 )
-from p4opt.linalg.sketch import range_finder
+from p4opt.linalg.sketch import orthonormalize, range_finder
 
 __all__ = [
     "capacitance",
@@ -58,6 +58,7 @@ __all__ = [
     "feasible_scale",
     "MERGE_REJECTIONS",
     "range_finder",
+    "orthonormalize",
     "inverse_residual",
     "newton_schulz_step",
     "hyperpower_step",

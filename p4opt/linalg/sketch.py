@@ -6,7 +6,42 @@ import torch
 
 from p4opt._typing import Tensor
 
-__all__ = ["range_finder"]
+__all__ = ["range_finder", "orthonormalize"]
+
+
+def orthonormalize(y: Tensor) -> Tensor:
+    r"""An orthonormal basis of the columns of tall matrices ``y`` (*, n, k), ``n >= k``.
+
+    One Cholesky QR step, :math:`Q = Y R^{-1}` with :math:`R^TR = Y^TY` (two BLAS-3 products,
+    about half the time of a Householder QR on CPU), whose loss of orthogonality grows like
+    :math:`\kappa(Y)^2` machine epsilons; when the Cholesky factorization fails or the
+    diagonal of :math:`R` shows :math:`\kappa(Y)^2\varepsilon > 10^{-3}`, a Householder QR
+    (:func:`torch.linalg.qr`) is used instead.
+
+    Parameters
+    ----------
+    y : Tensor, shape (*, n, k)
+
+    Returns
+    -------
+    Tensor, shape (*, n, k)
+        Same span as ``y`` (when ``y`` has full column rank), orthonormal columns. Cost
+        :math:`O(nk^2)`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> y = torch.randn(50, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    >>> q = orthonormalize(y)
+    >>> bool((q.T @ q - torch.eye(4, dtype=torch.float64)).abs().max() < 1e-12)
+    True
+    """
+    r, info = torch.linalg.cholesky_ex(y.mT @ y, upper=True)
+    diagonal = torch.diagonal(r, dim1=-2, dim2=-1).abs()
+    spread = diagonal.amax(-1) / diagonal.amin(-1)
+    if bool((info == 0).all()) and bool((spread.square() * torch.finfo(y.dtype).eps < 1e-3).all()):
+        return torch.linalg.solve_triangular(r, y, upper=True, left=False)
+    return torch.linalg.qr(y).Q
 
 
 def range_finder(delta: Tensor, start: Tensor, power_iters: int = 1) -> tuple[Tensor, Tensor]:
@@ -25,7 +60,8 @@ def range_finder(delta: Tensor, start: Tensor, power_iters: int = 1) -> tuple[Te
     start : Tensor, shape (*, m, k)
         The test matrix :math:`\Omega` (e.g. Gaussian).
     power_iters : int
-        Power iterations ``p`` (each costs two :math:`O(nmk)` products and one thin QR; the
+        Power iterations ``p`` (each costs two :math:`O(nmk)` products and one
+        :func:`orthonormalize`; the
         basis is re-orthonormalized once per iteration, which keeps the amplification of
         rounding errors to :math:`(\sigma_1/\sigma_k)^2` per iteration).
 
@@ -53,7 +89,7 @@ def range_finder(delta: Tensor, start: Tensor, power_iters: int = 1) -> tuple[Te
     >>> bool((u @ v.T - a @ b.T).abs().max() < 1e-10)
     True
     """
-    q = torch.linalg.qr(delta @ start).Q
+    q = orthonormalize(delta @ start)
     for _ in range(power_iters):
-        q = torch.linalg.qr(delta @ (delta.mT @ q)).Q
+        q = orthonormalize(delta @ (delta.mT @ q))
     return q, delta.mT @ q
