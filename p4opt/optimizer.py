@@ -322,10 +322,9 @@ class P4Optimizer(torch.optim.Optimizer):
                 if any(isinstance(v, Tensor) and v.ndim > 0 and v.shape != param.shape
                        for v in state.values()):
                     del self.optimizer.state[param]
-                    warnings.warn(
-                        f"optimizer state of {pert.where}.{name} has another shape than the "
-                        f"tensor {tuple(param.shape)} (a checkpoint of an older p4opt); "
-                        "it restarts from zero", UserWarning, stacklevel=3)
+                    warnings.warn(f"optimizer state of {pert.where}.{name} has another shape "
+                                  f"than the tensor {tuple(param.shape)} (a checkpoint of an "
+                                  "older p4opt); it restarts from zero", stacklevel=3)
 
     def load_state_dict(self, state_dict: StateDict) -> None:  # type: ignore[override]
         """Restore a :meth:`state_dict` (load the model's state dict as well, as usual).

@@ -12,7 +12,7 @@ from p4opt._typing import Tensor
 from p4opt._validate import check_bounds, check_choice, check_dtype, check_int, check_number
 from p4opt.errors import P4ValueError, ShapeError
 from p4opt.families import square
-from p4opt.families.invertible_queries import TrackedInverse
+from p4opt.families.invertible_queries import TrackedInverse, tracked_report
 from p4opt.families.invertible_updates import Factored, Projected, UpdateRule
 from p4opt.linalg import merge as lowrank
 from p4opt.perturbation import Perturbation, Proposal, ValidationReport
@@ -349,26 +349,7 @@ class Invertible(TrackedInverse, Perturbation):
         layer's base against the float64 master) and ``update_logabsdet``. A singular
         pending update gives a FAILED report that says so.
         """
-        base = self._matrix()
-        w = base + self.rule.pending()
-        ref_sign, ref_logabsdet = torch.linalg.slogdet(w)
-        scale = float(base.abs().amax())
-        layer = self.base.reshape(base.shape).to(self.dtype)
-        figures = {"base_rounding": float((layer - base).abs().amax()) / scale}
-        tolerances = {"inverse_error": 1e-6, "logabsdet_error": 1e-6}
-        tolerances["base_rounding"] = 2 * torch.finfo(self.base.dtype).eps
-        if bool((ref_sign == 0).any()) or not bool(torch.isfinite(ref_logabsdet).all()):
-            figures.update(inverse_error=math.inf, logabsdet_error=math.inf)
-            problem = "the pending update makes the matrix singular (a merge will not fold it)"
-            return ValidationReport(self.where, figures, tolerances, problem=problem)
-        inverse_error = float(linalg.inverse_residual(w, self.inverse()).abs().amax())
-        logabsdet = self.logabsdet()
-        logdet_error = float((logabsdet - ref_logabsdet).abs().amax())
-        if bool((self.sign() != ref_sign).any()):
-            logdet_error = math.inf
-        figures.update(inverse_error=inverse_error, logabsdet_error=logdet_error)
-        figures["update_logabsdet"] = float((ref_logabsdet - self.logabsdet_base).abs().amax())
-        return ValidationReport(where=self.where, figures=figures, tolerances=tolerances)
+        return tracked_report(self)
 
     def extra_repr(self) -> str:
         return (

@@ -10,11 +10,12 @@ import torch
 from p4opt import linalg
 from p4opt._typing import Tensor
 from p4opt.errors import P4TypeError, ShapeError, describe
+from p4opt.records import ValidationReport
 
 if TYPE_CHECKING:
     from p4opt.families.invertible_updates import UpdateRule
 
-__all__ = ["TrackedInverse"]
+__all__ = ["TrackedInverse", "tracked_report"]
 
 
 class TrackedInverse:
@@ -93,3 +94,27 @@ class TrackedInverse:
         below = torch.relu(lo + margin - cap_logabsdet) if math.isfinite(lo) else 0
         above = torch.relu(cap_logabsdet - hi + margin) if math.isfinite(hi) else 0
         return below**2 + above**2
+
+
+def tracked_report(pert: Any) -> ValidationReport:
+    """:meth:`p4opt.Invertible.validate`'s figures for a family keeping :math:`A^{-1}` (O(n³))."""
+    base = pert._matrix()
+    w = base + pert.rule.pending()
+    ref_sign, ref_logabsdet = torch.linalg.slogdet(w)
+    scale = float(base.abs().amax())
+    layer = pert.base.reshape(base.shape).to(pert.dtype)
+    figures = {"base_rounding": float((layer - base).abs().amax()) / scale}
+    tolerances = {"inverse_error": 1e-6, "logabsdet_error": 1e-6}
+    tolerances["base_rounding"] = 2 * torch.finfo(pert.base.dtype).eps
+    if bool((ref_sign == 0).any()) or not bool(torch.isfinite(ref_logabsdet).all()):
+        figures.update(inverse_error=math.inf, logabsdet_error=math.inf)
+        problem = "the pending update makes the matrix singular (a merge will not fold it)"
+        return ValidationReport(pert.where, figures, tolerances, problem=problem)
+    inverse_error = float(linalg.inverse_residual(w, pert.inverse()).abs().amax())
+    logabsdet = pert.logabsdet()
+    logdet_error = float((logabsdet - ref_logabsdet).abs().amax())
+    if bool((pert.sign() != ref_sign).any()):
+        logdet_error = math.inf
+    figures.update(inverse_error=inverse_error, logabsdet_error=logdet_error)
+    figures["update_logabsdet"] = float((ref_logabsdet - pert.logabsdet_base).abs().amax())
+    return ValidationReport(where=pert.where, figures=figures, tolerances=tolerances)
