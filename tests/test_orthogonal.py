@@ -360,6 +360,23 @@ def test_merge_restarts_pairs_along_their_travel():
     assert torch.equal(v[:, 4], moved[:, 4])
 
 
+def test_householder_forward_in_float64_backward_in_float32():
+    g = torch.Generator().manual_seed(3)
+    q = random_orthogonal(64, 4).float()
+    w = torch.randn(64, 128, generator=g).requires_grad_()
+    out = lo.householder_apply(q, w, torch.float64)
+    exact = lo.householder_apply(q.double(), w.detach().double())
+    assert out.dtype == torch.float32
+    assert (out.double() - exact).abs().max() <= torch.finfo(torch.float32).eps  # rounded once
+    assert float(lo.orthogonality_error(out.detach().double())) < 1e-7
+    (grad,) = torch.autograd.grad(out.square().sum() + out[0, 0], w)
+    w64 = w.detach().double().requires_grad_()
+    ref = lo.householder_apply(q.double(), w64)
+    (grad64,) = torch.autograd.grad(ref.square().sum() + ref[0, 0], w64)
+    assert grad.dtype == torch.float32
+    assert float((grad.double() - grad64).norm() / grad64.norm()) < 1e-4
+
+
 def test_householder_backward_matches_autograd_of_the_explicit_product():
     g = torch.Generator().manual_seed(5)
     w = torch.randn(7, 4, generator=g, dtype=F64, requires_grad=True)

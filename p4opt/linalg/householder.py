@@ -94,7 +94,7 @@ def householder_wy(w: Tensor) -> Tensor:
     return torch.linalg.solve_triangular(s, _eye_like(s), upper=True)
 
 
-def householder_apply(x: Tensor, w: Tensor) -> Tensor:
+def householder_apply(x: Tensor, w: Tensor, precision: torch.dtype | None = None) -> Tensor:
     r"""Right-multiply vectors by a product of reflections without forming it.
 
     .. math:: x \, H(w_1) \cdots H(w_k) = x - \big((x W) S^{-1}\big) W^T
@@ -111,6 +111,10 @@ def householder_apply(x: Tensor, w: Tensor) -> Tensor:
     w : Tensor, shape (n, k) or (*, n, k)
         Reflection vectors as columns; a stack (*, n, k) gives one product per element,
         applied to the matching element of ``x`` (same leading shape ``*``).
+    precision : torch.dtype, optional
+        Compute the product in this dtype and round the result into ``x``'s (for example
+        float64 for float32 tensors: many reflections lose orthogonality to float32
+        rounding); the backward pass runs in ``x``'s dtype, where gradients need no more.
 
     Returns
     -------
@@ -135,10 +139,10 @@ def householder_apply(x: Tensor, w: Tensor) -> Tensor:
                 f"matching w, got {tuple(x.shape)}"
             )
         if w.ndim > 3:
-            flat = householder_apply(x.flatten(0, -3), w.flatten(0, -3))
+            flat = householder_apply(x.flatten(0, -3), w.flatten(0, -3), precision)
             return flat.reshape(x.shape)
     elif x.ndim != 2:
-        return householder_apply(x.reshape(-1, x.shape[-1]), w).reshape(x.shape)
+        return householder_apply(x.reshape(-1, x.shape[-1]), w, precision).reshape(x.shape)
     low = x.dtype in _LOW or w.dtype in _LOW
     autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
     if low or autocast:
@@ -146,9 +150,9 @@ def householder_apply(x: Tensor, w: Tensor) -> Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
             x32, w32 = (x.float(), w.float()) if low else (x, w)
             mask = _wy_mask(w32.shape[-1], w32.dtype, w.device)
-            out = _HouseholderApply.apply(x32, w32, mask)[0]
+            out = _HouseholderApply.apply(x32, w32, mask, precision)[0]
         return out.to(x.dtype)
-    return _HouseholderApply.apply(x, w, _wy_mask(w.shape[-1], w.dtype, w.device))[0]
+    return _HouseholderApply.apply(x, w, _wy_mask(w.shape[-1], w.dtype, w.device), precision)[0]
 
 
 _LOW = (torch.float16, torch.bfloat16)
@@ -168,14 +172,19 @@ class _HouseholderApply(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x: Tensor, w: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        x: Tensor, w: Tensor, mask: Tensor, precision: torch.dtype | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        dtype = x.dtype
+        if precision is not None and precision != dtype:  # saved s, z are rounded back
+            x, w, mask = x.to(precision), w.to(precision), mask.to(precision)
         s = (w.mT @ w) * mask
         z = torch.linalg.solve_triangular(s, x @ w, upper=True, left=False)
-        return _addmm(x, z, w.mT, alpha=-1), s, z
+        return _addmm(x, z, w.mT, alpha=-1).to(dtype), s.to(dtype), z.to(dtype)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: tuple[Tensor, ...]) -> None:
-        x, w, mask = inputs
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        x, w, mask, _ = inputs
         _, s, z = output
         ctx.mark_non_differentiable(s, z)
         ctx.save_for_backward(x, w, mask, s, z)
@@ -184,7 +193,7 @@ class _HouseholderApply(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(
         ctx: Any, grad: Tensor, _grad_s: Tensor, _grad_z: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, None]:
+    ) -> tuple[Tensor | None, Tensor | None, None, None]:
         x, w, mask, s, z = ctx.saved_tensors
         p = torch.linalg.solve_triangular(s.mT, grad @ w, upper=False, left=False)
         grad_x = _addmm(grad, p, w.mT, alpha=-1) if ctx.needs_input_grad[0] else None
@@ -193,7 +202,7 @@ class _HouseholderApply(torch.autograd.Function):
             sbar = (z.mT @ p).mul_(mask)
             grad_w = _addmm(w @ (sbar + sbar.mT), grad.mT, z, alpha=-1)
             grad_w = _addmm(grad_w, x.mT, p, alpha=-1)
-        return grad_x, grad_w, None
+        return grad_x, grad_w, None, None
 
 
 def _addmm(c: Tensor, a: Tensor, b: Tensor, alpha: float) -> Tensor:

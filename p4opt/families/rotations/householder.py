@@ -108,13 +108,11 @@ class Householder(Rotation):
     def rotate(self, x: Tensor) -> Tensor:
         vectors = self.pert.vectors
         n, k = vectors.shape[-2:]
-        if x.dtype == torch.float32 and 2 * k > n:
-            # with more than n/2 reflections the WY factor is ill-conditioned and its float32
-            # product loses orthogonality in proportion to k (1e-6 to 1e-5 at n = 64, k = 128);
-            # in float64 the rounded weight is orthogonal to a few float32 epsilons
-            wide = rotations.householder_apply(x.double(), vectors.double())
-            return wide.to(x.dtype)
-        return rotations.householder_apply(x, vectors.to(x.dtype))
+        # with more than n/2 reflections a float32 product loses orthogonality in proportion
+        # to k (1e-6 to 1e-5 at n = 64, k = 128): form it in float64 (the backward stays in
+        # float32), so the rounded weight is orthogonal to a few float32 epsilons
+        precise = torch.float64 if x.dtype == torch.float32 and 2 * k > n else None
+        return rotations.householder_apply(x, vectors.to(x.dtype), precise)
 
     def describe(self) -> str:
         vectors = self.pert._parameters.get("vectors")
