@@ -377,6 +377,24 @@ def test_householder_forward_in_float64_backward_in_float32():
     assert float((grad.double() - grad64).norm() / grad64.norm()) < 1e-4
 
 
+def test_float32_givens_weight_is_formed_in_float64():
+    # n - 1 = 63 layers: in float32 every layer rounds and the weight drifted to ~1e-6
+    lin = torch.nn.Linear(64, 64, bias=False)
+    pert = p4opt.register(lin, "weight", p4opt.Orthogonal("givens", seed=0))
+    with torch.no_grad():
+        pert.angles.normal_(generator=torch.Generator().manual_seed(1))
+    w = lin.weight
+    exact = lo.givens_layers_apply(pert.base.double(), pert.angles.double(), pert.pairing)
+    assert w.dtype == torch.float32
+    assert (w.detach().double() - exact).abs().max() <= torch.finfo(torch.float32).eps
+    (grad,) = torch.autograd.grad(w.square().sum() + w[0, 0], pert.angles)
+    a64 = pert.angles.detach().double().requires_grad_()
+    ref = lo.givens_layers_apply(pert.base.double(), a64, pert.pairing)
+    (grad64,) = torch.autograd.grad(ref.square().sum() + ref[0, 0], a64)
+    assert grad.dtype == torch.float32
+    assert float((grad.double() - grad64).norm() / grad64.norm()) < 1e-4
+
+
 def test_householder_backward_matches_autograd_of_the_explicit_product():
     g = torch.Generator().manual_seed(5)
     w = torch.randn(7, 4, generator=g, dtype=F64, requires_grad=True)

@@ -115,7 +115,9 @@ def round_robin(n: int, rounds: Tensor, labels: Tensor | None = None) -> Tensor:
     return perms if labels is None else labels[perms]
 
 
-def givens_layers_apply(x: Tensor, angles: Tensor, perms: Tensor) -> Tensor:
+def givens_layers_apply(
+    x: Tensor, angles: Tensor, perms: Tensor, precision: torch.dtype | None = None
+) -> Tensor:
     r"""Right-multiply vectors by ``L`` layers of rotations on disjoint coordinate pairs.
 
     Returns :math:`x\,G_1 G_2 \cdots G_L`, where :math:`G_l` is the layer that
@@ -130,6 +132,10 @@ def givens_layers_apply(x: Tensor, angles: Tensor, perms: Tensor) -> Tensor:
         With ``m = n // 2``.
     perms : Tensor, shape (L, n), long
         One permutation per layer (for example from :func:`round_robin`).
+    precision : torch.dtype, optional
+        Compute the product in this dtype and round the result into ``x``'s once (for
+        example float64 for float32 tensors: each layer rounds, so the error grows with
+        ``L``); the backward pass runs in ``x``'s dtype.
 
     Returns
     -------
@@ -154,11 +160,12 @@ def givens_layers_apply(x: Tensor, angles: Tensor, perms: Tensor) -> Tensor:
     columns = x.reshape(-1, n).mT  # (n, B): the gathers move whole rows
     # in the tensors' own dtype, also under autocast (a bfloat16 product would round the
     # rotation to 3 digits; the layer's product with its input autocasts as usual)
+    args = (columns, angles.to(x.dtype), moves, inverse[-1], precision)
     if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
         with torch.autocast(device_type=x.device.type, enabled=False):
-            out = _GivensLayers.apply(columns, angles.to(x.dtype), moves, inverse[-1])
+            out = _GivensLayers.apply(*args)
     else:
-        out = _GivensLayers.apply(columns, angles.to(x.dtype), moves, inverse[-1])
+        out = _GivensLayers.apply(*args)
     return out.mT.reshape(x.shape)
 
 
@@ -188,20 +195,27 @@ class _GivensLayers(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(y: Tensor, angles: Tensor, moves: Tensor, last: Tensor) -> Tensor:
+    def forward(
+        y: Tensor, angles: Tensor, moves: Tensor, last: Tensor, precision: torch.dtype | None
+    ) -> Tensor:
+        dtype = y.dtype
+        if precision is not None:
+            y, angles = y.to(precision), angles.to(precision)
         blocks = _rotations(angles)
         for layer in range(moves.shape[0]):
             y = _rotate_pairs(y.index_select(0, moves[layer]), blocks[layer])
-        return y.index_select(0, last)
+        return y.index_select(0, last).to(dtype)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        _, angles, moves, last = inputs
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        _, angles, moves, last, _ = inputs
         ctx.save_for_backward(angles, moves, last, output)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+    def backward(
+        ctx: Any, grad: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         angles, moves, last, output = ctx.saved_tensors
         layers, m = angles.shape
         cols = output.shape[-1]
@@ -218,4 +232,4 @@ class _GivensLayers(torch.autograd.Function):
             grad_angles[layer] = products[:, 0, 1] - products[:, 1, 0]
             both = _rotate_pairs(both, blocks[layer]).index_select(0, undo[layer])
         grad_y = both[:, cols:] if ctx.needs_input_grad[0] else None
-        return grad_y, grad_angles if ctx.needs_input_grad[1] else None, None, None
+        return grad_y, grad_angles if ctx.needs_input_grad[1] else None, None, None, None

@@ -130,7 +130,10 @@ class Givens(Rotation):
 
     def rotate(self, x: Tensor) -> Tensor:
         pert = self.pert
-        return rotations.givens_layers_apply(x, pert.angles.to(x.dtype), pert.pairing)
+        # every layer rounds: a float32 product of n - 1 layers drifts to ~1e-6 from
+        # orthogonal; formed in float64 and rounded once it stays at float32 rounding
+        precise = torch.float64 if x.dtype == torch.float32 else None
+        return rotations.givens_layers_apply(x, pert.angles.to(x.dtype), pert.pairing, precise)
 
     def describe(self) -> str:
         angles = self.pert._parameters.get("angles")
