@@ -112,9 +112,10 @@ def householder_apply(x: Tensor, w: Tensor, precision: torch.dtype | None = None
         Reflection vectors as columns; a stack (*, n, k) gives one product per element,
         applied to the matching element of ``x`` (same leading shape ``*``).
     precision : torch.dtype, optional
-        Compute the product in this dtype and round the result into ``x``'s (for example
-        float64 for float32 tensors: many reflections lose orthogonality to float32
-        rounding); the backward pass runs in ``x``'s dtype, where gradients need no more.
+        Compute the Gram matrix, :math:`xW` and the triangular solve in this dtype (for
+        example float64 for float32 tensors: with many reflections the solve is
+        ill-conditioned and a float32 product loses orthogonality); the last product and the
+        backward pass run in ``x``'s dtype, where they need no more.
 
     Returns
     -------
@@ -175,12 +176,17 @@ class _HouseholderApply(torch.autograd.Function):
     def forward(
         x: Tensor, w: Tensor, mask: Tensor, precision: torch.dtype | None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        dtype = x.dtype
-        if precision is not None and precision != dtype:  # saved s, z are rounded back
-            x, w, mask = x.to(precision), w.to(precision), mask.to(precision)
-        s = (w.mT @ w) * mask
-        z = torch.linalg.solve_triangular(s, x @ w, upper=True, left=False)
-        return _addmm(x, z, w.mT, alpha=-1).to(dtype), s.to(dtype), z.to(dtype)
+        if precision is not None and precision != x.dtype:
+            # the Gram matrix, xW and the ill-conditioned triangular solve carry the error;
+            # the last product, of well-scaled factors, adds only rounding in x's dtype
+            wp = w.to(precision)
+            s = (wp.mT @ wp) * mask.to(precision)
+            z = torch.linalg.solve_triangular(s, x.to(precision) @ wp, upper=True, left=False)
+            s, z = s.to(x.dtype), z.to(x.dtype)
+        else:
+            s = (w.mT @ w) * mask
+            z = torch.linalg.solve_triangular(s, x @ w, upper=True, left=False)
+        return _addmm(x, z, w.mT, alpha=-1), s, z
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
