@@ -130,8 +130,9 @@ class Givens(Rotation):
 
     def rotate(self, x: Tensor) -> Tensor:
         pert = self.pert
-        # every layer rounds: a float32 product of n - 1 layers drifts to ~1e-6 from
-        # orthogonal; formed in float64 and rounded once it stays at float32 rounding
+        # every layer rounds, so a float32 product of n - 1 layers drifts from orthogonal;
+        # formed in float64 and rounded once it stays at float32 rounding (see the soak in
+        # the documentation's robustness page)
         precise = torch.float64 if x.dtype == torch.float32 else None
         return rotations.givens_layers_apply(x, pert.angles.to(x.dtype), pert.pairing, precise)
 

@@ -109,8 +109,8 @@ class Householder(Rotation):
         vectors = self.pert.vectors
         n, k = vectors.shape[-2:]
         # with more than n/2 reflections a float32 product loses orthogonality in proportion
-        # to k (1e-6 to 1e-5 at n = 64, k = 128): form it in float64 (the backward stays in
-        # float32), so the rounded weight is orthogonal to a few float32 epsilons
+        # to k, up to validate()'s tolerance in long runs: the ill-conditioned solve goes to
+        # float64 (measurements: the Orthogonal page of the documentation)
         precise = torch.float64 if x.dtype == torch.float32 and 2 * k > n else None
         return rotations.householder_apply(x, vectors.to(x.dtype), precise)
 
