@@ -13,6 +13,7 @@ import torch
 from p4opt._typing import StateDict, Tensor
 from p4opt._validate import check_optional_int
 from p4opt.errors import P4RuntimeError, P4TypeError, P4ValueError
+from p4opt.optimizer_checks import drop_mismatched_state, warn_short_intervals
 from p4opt.perturbation import MergeResult, Perturbation, owner_of
 from p4opt.registry import is_sharded
 
@@ -137,6 +138,7 @@ class P4Optimizer(torch.optim.Optimizer):
         ):
             setattr(self, name, OrderedDict())
         self.perturbations = self._discover()
+        warn_short_intervals(self.merge_every, self.perturbations)
         if not self.perturbations:
             warnings.warn(
                 "P4Optimizer found no p4opt perturbation among the optimizer's parameters, so it "
@@ -164,6 +166,7 @@ class P4Optimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
         self.perturbations = self._discover()
+        warn_short_intervals(self.merge_every, self.perturbations)
 
     def register_step_pre_hook(self, hook: Callable[..., Any]) -> Any:  # type: ignore[override]
         """Run ``hook(self, args, kwargs)`` before each step (once per step)."""
@@ -314,18 +317,6 @@ class P4Optimizer(torch.optim.Optimizer):
             state = hook(self, state) or state
         return state
 
-    def _drop_mismatched_state(self) -> None:
-        """Forget the optimizer state of trainable tensors whose shape it no longer fits."""
-        for pert in self.perturbations:
-            for name, param in pert.named_parameters(recurse=False):
-                state = self.optimizer.state.get(param, {})
-                if any(isinstance(v, Tensor) and v.ndim > 0 and v.shape != param.shape
-                       for v in state.values()):
-                    del self.optimizer.state[param]
-                    warnings.warn(f"optimizer state of {pert.where}.{name} has another shape "
-                                  f"than the tensor {tuple(param.shape)} (a checkpoint of an "
-                                  "older p4opt); it restarts from zero", stacklevel=3)
-
     def load_state_dict(self, state_dict: StateDict) -> None:  # type: ignore[override]
         """Restore a :meth:`state_dict` (load the model's state dict as well, as usual).
 
@@ -341,7 +332,7 @@ class P4Optimizer(torch.optim.Optimizer):
             state_dict = hook(self, state_dict) or state_dict
         own = state_dict["p4"]
         self.optimizer.load_state_dict(state_dict["optimizer"])
-        self._drop_mismatched_state()
+        drop_mismatched_state(self.optimizer, self.perturbations)
         known = {f for f in Counters.__dataclass_fields__}
         self.counters = Counters(**{k: int(v) for k, v in own["counters"].items() if k in known})
         self.merge_every = check_optional_int("merge_every", own["merge_every"], minimum=1)

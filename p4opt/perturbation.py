@@ -75,6 +75,9 @@ class Perturbation(Bound, abc.ABC):
     """
 
     default_merge_every: ClassVar[int] = 10
+    #: Fewest steps between merges with which the family was measured to learn;
+    #: ``P4Optimizer(merge_every=...)`` below it warns (Householder ``Orthogonal``: 3).
+    min_merge_every: int = 1
     #: Whether, after a restart, the optimizer's state of the trainable tensors is dropped
     #: (``P4Optimizer(reset_state=...)`` overrides it).
     reset_optimizer_state: ClassVar[bool] = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -324,6 +325,7 @@ def test_procrustes_converges_at_n16(method, lr, steps):
     assert float(lo.orthogonality_error(lin.weight.detach())) < 1e-12
 
 
+@pytest.mark.filterwarnings("ignore:merge_every=")  # a mechanism test, not learning
 def test_family_keeps_optimizer_state_unless_told():
     lin, pert = make_layer(6)
     opt = p4opt.P4Optimizer(torch.optim.Adam(lin.parameters(), lr=0.01), merge_every=1)
@@ -477,3 +479,22 @@ def test_large_learning_rates_converge_with_merges():
         opt.step()
         opt.zero_grad()
     assert float(loss.detach()) < 1e-4 * first and pert.validate().ok
+
+
+@pytest.mark.parametrize(
+    ("method", "every", "warns"),
+    [("householder", 1, True), ("householder", 7, False), ("givens", 1, False)],
+)
+def test_merging_householder_pairs_after_every_step_warns_once(method, every, warns):
+    # measured: Householder pairs restarted after every step never reach the Procrustes target
+    lin = torch.nn.Linear(8, 8)
+    p4opt.register(lin, "weight", p4opt.Orthogonal(method, seed=0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = p4opt.P4Optimizer(torch.optim.Adam(lin.parameters(), lr=1e-2), merge_every=every)
+        for _ in range(10):
+            lin(torch.randn(4, 8)).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    hits = [w for w in caught if "stops learning when merged more often" in str(w.message)]
+    assert len(hits) == (1 if warns else 0)

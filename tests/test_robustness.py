@@ -188,6 +188,7 @@ def test_register_and_unregister_keep_the_users_requires_grad(trainable):
 
 
 # ---------------------------------------------------------------------- 8. weight averaging
+@pytest.mark.filterwarnings("ignore:merge_every=")  # a mechanism test, not learning
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_weight_averaging_then_refresh_gives_a_feasible_model(family):
     lin, _ = _layer(family)

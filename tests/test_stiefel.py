@@ -124,6 +124,7 @@ def test_stack_with_one_nonfinite_gradient_merges_element_by_element():
     assert pert.validate().ok
 
 
+@pytest.mark.filterwarnings("ignore:merge_every=")  # a mechanism test, not learning
 def test_stack_training_survives_one_nonfinite_gradient():
     """Through P4Optimizer: a NaN gradient in one element; the others keep folding."""
     module = Weight(_stiefel((3, 5, 5), 0))

@@ -128,6 +128,11 @@ class Orthogonal(Perturbation):
         self.strategy: Rotation = METHODS[method](self, rank)
 
     @property
+    def min_merge_every(self) -> int:  # type: ignore[override]
+        """Householder pairs restarted after every step stop learning (measured; see the docs)."""
+        return 3 if self.method == "householder" else 1
+
+    @property
     def rank(self) -> int | None:
         return self.strategy.rank
 
