@@ -302,3 +302,20 @@ def test_bookkeeping_stays_exact_over_ten_thousand_partial_merges():
     report = pert.validate()
     assert partial > 9_000 and report.ok, report
     assert report.figures["inverse_error"] < 1e-6 and report.figures["logabsdet_error"] < 1e-6
+
+
+def test_entry_bounds_are_carried_only_while_the_tensors_are_untouched():
+    from p4opt.families.invertible_updates import EntryBounds
+
+    a, inv = torch.eye(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64)
+    bounds = (torch.tensor(2.0), torch.tensor(3.0))
+    cache = EntryBounds(refresh=2)
+    assert cache.get(a, inv) is None  # nothing carried yet: compute exactly
+    cache.put(a, inv, bounds)
+    assert cache.get(a, inv) is bounds
+    inv.mul_(2.0)  # changed outside a fold (a correction): the bounds no longer hold
+    assert cache.get(a, inv) is None
+    cache.put(a, inv, bounds)
+    cache.put(a, inv, bounds)
+    cache.put(a, inv, bounds)  # two folds after the first: time for an exact pass
+    assert cache.get(a, inv) is None

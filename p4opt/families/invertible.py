@@ -13,7 +13,7 @@ from p4opt._validate import check_bounds, check_choice, check_dtype, check_int, 
 from p4opt.errors import P4ValueError, ShapeError
 from p4opt.families import square
 from p4opt.families.invertible_queries import TrackedInverse, tracked_report
-from p4opt.families.invertible_updates import Factored, Projected, UpdateRule
+from p4opt.families.invertible_updates import EntryBounds, Factored, Projected, UpdateRule
 from p4opt.linalg import merge as lowrank
 from p4opt.perturbation import Perturbation, Proposal, ValidationReport
 
@@ -163,7 +163,7 @@ class Invertible(TrackedInverse, Perturbation):
         self.rule: UpdateRule = Projected(self) if update == "projected" else Factored(self)
         self.default_merge_every = self.rule.merge_every
         self._cast_cache: dict[Any, tuple[int, Tensor]] = {}
-        self._bounds_cache: tuple[tuple[int, ...], int, tuple[Tensor, Tensor]] | None = None
+        self._bounds = EntryBounds()
         self._conv = False
 
     @property
@@ -250,7 +250,7 @@ class Invertible(TrackedInverse, Perturbation):
         u, v = self.rule.factors()
         args = (self.update_logdet_bounds, self.logdet_bounds, self.max_update_condition)
         matrix = self._matrix()
-        bounds = self._entry_bounds(matrix)
+        bounds = self._bounds.get(matrix, self.inv)
         check = lowrank.low_rank_check(
             matrix, self.inv, self.logabsdet_base, u, v, *args, self.base.dtype, bounds
         )
@@ -285,8 +285,7 @@ class Invertible(TrackedInverse, Perturbation):
         if matrix is self.precise_base:  # round the float64 master into the layer
             self.base.copy_(self._as_weight(matrix))
         if check.entry_bounds is not None:
-            age = self._bounds_cache[1] + 1 if self._bounds_cache is not None else 0
-            self._bounds_cache = (self._versions(matrix), age, check.entry_bounds)
+            self._bounds.put(matrix, self.inv, check.entry_bounds)
         if proposal.scale is None:
             return
         partial = ok & (proposal.scale < 1)
@@ -295,20 +294,6 @@ class Invertible(TrackedInverse, Perturbation):
 
     def restart(self, mask: Tensor, folded: bool) -> None:
         self.rule.restart(mask, folded)
-
-    def _versions(self, matrix: Tensor) -> tuple[int, ...]:
-        return (matrix.data_ptr(), matrix._version, self.inv.data_ptr(), self.inv._version)
-
-    def _entry_bounds(self, matrix: Tensor) -> tuple[Tensor, Tensor] | None:
-        """Bounds of max|A| and max|A⁻¹| from the last fold, while neither tensor changed since.
-
-        They only grow from fold to fold, so they are recomputed exactly every 64 merges.
-        """
-        cached = self._bounds_cache
-        if cached is None or cached[1] >= 64 or cached[0] != self._versions(matrix):
-            self._bounds_cache = None
-            return None
-        return cached[2]
 
     @torch.no_grad()
     def correct(self) -> dict[str, float]:
