@@ -7,8 +7,12 @@ between two corrections, and at the end) the family's ``validate()`` figures are
 together with the merges accepted, cut back (partial) and rejected so far. The run
 passes when every check is inside the goal (inverse and log|det| errors <= 1e-6 for Invertible,
 orthogonality error <= 1e-6 for Orthogonal (of the weight the layer computes, ``validate()``;
-the stored base's own error is printed beside it), the report of ``validate()`` for the linear
-structures) and the last check is no worse than ten times the first or 1e-11 (no drift trend).
+the stored base's own error is printed beside it), inverse, log det and factor errors <= 1e-6
+for PositiveDefinite (on a Gaussian precision likelihood instead, fresh samples from a
+covariance with eigenvalues in [1/e, e], from P = I: the regression's optimum over SPD matrices
+lies on the cone's boundary, where no inverse stays accurate), the report of
+``validate()`` for the linear structures) and the last check is no worse than ten times the
+first or 1e-11 (no drift trend).
 
     python benchmarks/soak.py                                     # 10^4 steps, every family
     python benchmarks/soak.py --steps 100000 --family invertible  # the full soak of one family
@@ -34,6 +38,7 @@ FAMILIES: dict[str, Callable[[int], p4opt.Perturbation]] = {
     "invertible-factored": lambda n: p4opt.Invertible(update="factored", rank=4, seed=0),
     "orthogonal-householder": lambda n: p4opt.Orthogonal("householder", seed=0),
     "orthogonal-givens": lambda n: p4opt.Orthogonal("givens", seed=0),
+    "positive-definite": lambda n: p4opt.PositiveDefinite(seed=0),
     "symmetric": lambda n: p4opt.Symmetric(seed=0),
     "zerosum": lambda n: p4opt.ZeroSum(dim=0, value=1.0, seed=0),
     "circulant": lambda n: p4opt.Circulant(seed=0),
@@ -45,11 +50,15 @@ FAMILIES: dict[str, Callable[[int], p4opt.Perturbation]] = {
 GOALS: dict[str, dict[str, float | None]] = {
     "invertible": {"inverse_error": 1e-6, "logabsdet_error": 1e-6},
     "orthogonal": {"orthogonality_error": 1e-6},
+    "spd": {"inverse_error": 1e-6, "logdet_error": 1e-6, "factor_error": 1e-6,
+            "factor_inverse_error": 1e-6},
     "linear": {"residual": None},
 }
 
 
 def _kind(family: str) -> str:
+    if family.startswith("positive-definite"):
+        return "spd"
     return family.split("-")[0] if family.startswith(("invertible", "orthogonal")) else "linear"
 
 
@@ -61,7 +70,12 @@ def soak(family: str, steps: int, n: int = 64, lr: float = 1e-3, checks: int = 1
     lin = nn.Linear(n, n, bias=False)
     with torch.no_grad():
         q = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64)).Q
-        lin.weight.copy_(q + 0.1 * torch.randn(n, n, generator=gen, dtype=torch.float64))
+        if _kind(family) == "spd":  # start at I; data covariance q diag(e^c) q^T, c ~ U(-1, 1)
+            scales = (2 * torch.rand(n, generator=gen, dtype=torch.float64) - 1).exp()
+            root = ((q * scales.sqrt()) @ q.T).float()
+            lin.weight.copy_(torch.eye(n))
+        else:
+            lin.weight.copy_(q + 0.1 * torch.randn(n, n, generator=gen, dtype=torch.float64))
     pert = p4opt.register(lin, "weight", FAMILIES[family](n))
     opt = p4opt.P4Optimizer(torch.optim.Adam(lin.parameters(), lr=lr))
     target = torch.randn(n, n, generator=gen) / math.sqrt(n)
@@ -71,7 +85,11 @@ def soak(family: str, steps: int, n: int = 64, lr: float = 1e-3, checks: int = 1
     start = time.perf_counter()
     for step in range(1, steps + 1):
         x = torch.randn(32, n, generator=gen)
-        loss = (lin(x) - x @ target.T).square().mean()
+        if _kind(family) == "spd":  # Gaussian precision likelihood: its optimum is interior
+            x = x @ root
+            loss = 0.5 * (lin(x) * x).sum(-1).mean() - 0.5 * pert.logabsdet().float()
+        else:
+            loss = (lin(x) - x @ target.T).square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -15,10 +15,11 @@ target counts as ``--max-steps``). Printed: a Markdown table per ``n``.
 The problem is the ``spd`` task of ``p4opt compare`` (``p4opt.studies.tasks.PrecisionML``,
 here in float64) and ``p4``, ``geoopt``, ``cholesky`` are its methods ``p4-spd``, ``geoopt-spd``
 and ``cholesky`` (``p4opt.studies.baselines``). Methods: ``p4`` (``PositiveDefinite()``
-defaults: projected, rank n, merges every 10 steps; log-det by ``pert.logabsdet()``), variants
-of its rank, rule and merge interval, ``geoopt`` (``ManifoldParameter`` on
-``SymmetricPositiveDefinite``, log-det by ``slogdet``) and ``cholesky`` (``P = L Lᵀ``, ``L``
-lower triangular with diagonal ``exp(d)``, log-det ``2 Σ d``). This script differs from
+defaults: projected, whitened coordinates, rank n, merges every 10 steps; log-det by
+``pert.logabsdet()``), variants of its coordinates, rank, rule and merge interval,
+``geoopt`` (``ManifoldParameter`` on ``SymmetricPositiveDefinite``, log-det by ``slogdet``)
+and ``cholesky`` (``P = L Lᵀ``, ``L`` lower triangular with diagonal ``exp(d)``, log-det
+``2 Σ d``). This script differs from
 ``p4opt compare --task spd`` in what it reports: it stops each run at the target, counts a
 step when the loss evaluated before it is within the target, and times steps relative to
 ``cholesky``.
@@ -43,6 +44,7 @@ import p4opt
 from p4opt.studies import baselines
 from p4opt.studies.baselines import Constrained, P4Weight
 from p4opt.studies.tasks import PrecisionML
+from p4opt.studies.tasks.runner import _breakdown
 
 Step = Callable[[], float]
 Make = Callable[[PrecisionML, float], Step]
@@ -68,9 +70,15 @@ def problem(n: int, samples_per_dim: int, seed: int) -> PrecisionML:
 
 
 def steps_to_target(task: PrecisionML, step: Step, max_steps: int, target: float) -> int:
-    """Steps until the loss before a step is within ``target`` (``max_steps + 1``: missed)."""
+    """Steps until the loss before a step is within ``target`` (``max_steps + 1``: missed, or a
+    matrix factorization failed inside a step, as ``p4opt compare`` counts it)."""
     for i in range(1, max_steps + 1):
-        loss = step()
+        try:
+            loss = step()
+        except RuntimeError as err:  # a failed factorization inside a step: diverged
+            if not _breakdown(err):
+                raise
+            return max_steps + 1
         if not math.isfinite(loss):
             return max_steps + 1
         if task.relative(loss) <= target:
@@ -117,6 +125,7 @@ def p4_variant(merge_every: int | None = None, rank_fraction: float | None = Non
 
 METHODS: dict[str, Make] = {
     "p4": library_method("p4-spd"),
+    "p4-ambient": p4_variant(coordinates="ambient"),
     "p4-merge-1": p4_variant(merge_every=1),
     "p4-rank-n/4": p4_variant(rank_fraction=0.25),
     "p4-rank-n/4-merge-1": p4_variant(rank_fraction=0.25, merge_every=1),

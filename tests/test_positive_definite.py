@@ -15,8 +15,12 @@ from p4opt.families.congruence import congruence, congruence_inverse
 from p4opt.families.positive_definite import project_spd
 
 RULES = {
-    "projected": lambda: p4opt.PositiveDefinite(seed=0),
+    "projected": lambda: p4opt.PositiveDefinite(seed=0),  # whitened coordinates
+    "projected-ambient": lambda: p4opt.PositiveDefinite(coordinates="ambient", seed=0),
     "projected-rank2": lambda: p4opt.PositiveDefinite(rank=2, seed=0),
+    "projected-rank2-ambient": lambda: p4opt.PositiveDefinite(
+        rank=2, coordinates="ambient", seed=0
+    ),
     "factored": lambda: p4opt.PositiveDefinite(update="factored", rank=2, seed=0),
 }
 
@@ -67,7 +71,7 @@ def test_training_keeps_the_matrix_spd_and_fits_the_precision(rule):
     assert pert.merges > 0
 
 
-@pytest.mark.parametrize("rule", ["projected", "factored"])  # the whole update is folded
+@pytest.mark.parametrize("rule", ["projected", "projected-ambient", "factored"])  # whole update
 def test_merge_leaves_the_matrix_unchanged(rule):
     holder, pert = _layer(rule)
     _perturb(pert)
@@ -80,8 +84,9 @@ def test_merge_leaves_the_matrix_unchanged(rule):
     assert (pert.inverse() - inv).abs().max() < 1e-10
 
 
-def test_partial_rank_merge_folds_the_leading_directions():
-    holder, pert = _layer("projected-rank2")
+@pytest.mark.parametrize("rule", ["projected-rank2", "projected-rank2-ambient"])
+def test_partial_rank_merge_folds_the_leading_directions(rule):
+    holder, pert = _layer(rule)
     _perturb(pert)
     pert.merge()  # the rest of the change is dropped: the matrix moved, and stays tracked
     w = holder.weight.detach()
@@ -112,9 +117,10 @@ def _trainable_as(pert, name: str, value: torch.Tensor):
         pert._parameters[name] = saved
 
 
+@pytest.mark.parametrize("rule", ["projected", "projected-ambient"])
 @pytest.mark.parametrize("at_zero", [True, False])
-def test_gradients_of_logdet_inverse_and_solve_pass_gradcheck(at_zero):
-    holder, pert = _layer("projected", n=4)
+def test_gradients_of_logdet_inverse_and_solve_pass_gradcheck(at_zero, rule):
+    holder, pert = _layer(rule, n=4)
     start = torch.zeros(4, 4, dtype=torch.float64) if at_zero else 0.1 * torch.randn(4, 4).double()
     y = torch.randn(2, 4, dtype=torch.float64)
 
@@ -245,3 +251,60 @@ def test_autocast_and_torch_func_grad(rule):
     params_grad = dict(lin.named_parameters())[name]
     lin(x).square().mean().backward()
     assert torch.allclose(grads[name], params_grad.grad, atol=1e-6)
+
+
+def test_whitened_change_acts_through_the_tracked_factor():
+    holder, pert = _layer("projected", n=5, batch=(2,))
+    _perturb(pert, std=0.2)
+    f, delta = pert.factor, pert.delta.detach()
+    m = f @ (torch.eye(5, dtype=torch.float64) + delta)
+    assert (holder.weight - m @ m.mT).abs().max() < 1e-12  # W = F (I + D)(I + D)^T F^T
+    for _ in range(3):
+        assert pert.merge().accepted
+        _perturb(pert, std=0.2, seed=int(pert.merges) + 1)
+    pert.merge()
+    report = pert.validate()  # F F^T against the master copy, F^{-1} against F
+    assert report.ok, report
+    assert report.figures["factor_error"] < 1e-13 and report.figures["factor_inverse_error"] < 1e-12
+    assert (pert.factor @ pert.factor.mT - holder.weight).abs().max() < 1e-12
+
+
+def test_whitened_correction_keeps_the_coordinates():
+    holder, pert = _layer("projected", n=5)
+    _perturb(pert, std=0.2)
+    pert.merge()
+    factor = pert.factor.clone()
+    with torch.no_grad():
+        pert.factor_inv.add_(1e-7)  # an inverse that drifted
+    figures = pert.correct()
+    assert figures["factor_residual"] > 1e-7  # the drift was seen ...
+    assert torch.equal(pert.factor, factor)  # ... F (the coordinates of delta) kept ...
+    assert pert.validate().figures["factor_inverse_error"] < 1e-12  # ... and F^{-1} recomputed
+
+
+def test_factored_rule_refuses_whitened_coordinates():
+    with pytest.raises(p4opt.P4ValueError, match="coordinates"):
+        p4opt.PositiveDefinite(update="factored", coordinates="whitened")
+    with pytest.raises(ValueError, match="coordinates"):
+        p4opt.PositiveDefinite(coordinates="riemannian")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_whitened_adam_reaches_the_precision_and_stays(seed):
+    from p4opt.studies.tasks import PrecisionML
+
+    task = PrecisionML(16, seed=seed)
+    holder = torch.nn.Module()
+    holder.weight = torch.nn.Parameter(task.initial())
+    pert = p4opt.register(holder, "weight", p4opt.PositiveDefinite(seed=seed))
+    opt = p4opt.P4Optimizer(torch.optim.Adam(holder.parameters(), lr=0.03))
+    relative = []
+    for _ in range(300):
+        loss = task.objective(holder.weight, pert.logabsdet())
+        relative.append(task.relative(float(loss.detach())))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    reached = next(i for i, r in enumerate(relative) if r < task.target)
+    assert reached < 150  # measured 81 and 87 steps (ambient coordinates: 77-86 ...)
+    assert max(relative[reached:]) < 10 * task.target  # ... then 2e-3 to 8e-3)

@@ -14,6 +14,7 @@ from p4opt._validate import check_bounds, check_choice, check_int, check_number
 from p4opt.errors import P4TypeError, P4ValueError, ShapeError, SingularMatrixError, describe
 from p4opt.families import congruence as cg
 from p4opt.families.congruence import project_spd
+from p4opt.linalg._common import _eye_like
 from p4opt.linalg.merge import _condition
 from p4opt.perturbation import Perturbation, Proposal, Reason, ValidationReport
 
@@ -36,19 +37,31 @@ class PositiveDefinite(Perturbation):
     Two update rules (``update``):
 
     ``"projected"`` (default)
-        The optimizer trains a dense :math:`\Delta` (zero at the identity) and the layer sees
-        :math:`(I + \Delta) A (I + \Delta)^T`; each merge (every 10 steps by default) folds the
-        best rank-k part :math:`UV^T` of :math:`\Delta` (all of it when ``k >= n``, the
-        default; a smaller ``k`` makes merges :math:`O(n^2k)` and drops the rest of the change).
+        The optimizer trains a dense :math:`\Delta` (zero at the identity); each merge (every 10
+        steps by default) folds the best rank-k part of :math:`\Delta` (all of it when
+        ``k >= n``, the default; a smaller ``k`` makes merges :math:`O(n^2k)` and drops the rest
+        of the change). By default :math:`\Delta` acts in the base's own whitened coordinates
+        (``coordinates="whitened"``): with a tracked factor :math:`A = FF^T` the layer sees
+
+        .. math:: W = F (I + \Delta)(I + \Delta)^T F^T,
+                  \qquad M = F (I + \Delta) F^{-1},
+
+        so that a step of :math:`\Delta` changes :math:`W` relative to :math:`W` itself, as
+        the affine-invariant geometry of the SPD cone does (Adam trained in these coordinates
+        converges without the oscillation of ``coordinates="ambient"``, where the layer sees
+        :math:`(I + \Delta) A (I + \Delta)^T`; measured in the documentation's SPD section).
+        Merges update :math:`F \leftarrow F(I + \Delta)` and :math:`F^{-1}` (Woodbury) too.
     ``"factored"``
-        :math:`U` (zero at the identity) and :math:`V` (redrawn) trained directly.
+        :math:`U` (zero at the identity) and :math:`V` (redrawn) trained directly, in ambient
+        coordinates.
 
     A merge is cut back (projected) or refused when :math:`C` is singular, has
     :math:`\log|\det C|` outside ``update_logdet_bounds`` (default :math:`(-k, k)`) or a 2-norm
     condition number above ``max_update_condition``, or when the merged matrix is not finite or
     has a non-positive diagonal entry. Every ``correct_every`` merges a Cholesky factorization
     recomputes :math:`A^{-1}` and :math:`\log\det A` and proves positive definiteness (a matrix
-    that lost it to rounding is projected back by :func:`project_spd`).
+    that lost it to rounding is projected back by :func:`project_spd`); in whitened coordinates
+    :math:`A = FF^T` and :math:`F^{-1}` are first recomputed from the tracked factor :math:`F`.
 
     Registration symmetrizes and clips eigenvalues at ``floor`` times the largest
     (:func:`project_spd`). Costs (projected / factored): forward :math:`O(n^3)` /
@@ -59,6 +72,11 @@ class PositiveDefinite(Perturbation):
     rank : int, optional
         Rank ``k`` of each merged update; default ``n`` (projected: all of :math:`\Delta`).
     update : {"projected", "factored"}
+    coordinates : {"whitened", "ambient"}, optional
+        Where the projected :math:`\Delta` acts (default ``"whitened"``; ``"factored"`` takes
+        ``"ambient"`` only). Whitened coordinates keep two more float64 :math:`n \times n`
+        buffers (:math:`F`, :math:`F^{-1}`) and cost :math:`O(n^2k)` more per merge; the
+        forward pass takes two :math:`O(n^3)` products in either.
     correct_every : int or None
         Merges between Cholesky corrections (``None``: never).
     update_logdet_bounds : (float, float), optional
@@ -88,13 +106,16 @@ class PositiveDefinite(Perturbation):
 
     element_ndim: ClassVar[int | None] = 2
     reset_optimizer_state: ClassVar[bool] = False
-    precise_buffers: ClassVar[tuple[str, ...]] = ("master", "inv", "logabsdet_base")
+    precise_buffers: ClassVar[tuple[str, ...]] = (
+        "master", "inv", "logabsdet_base", "factor", "factor_inv"
+    )
 
     def __init__(
         self,
         rank: int | None = None,
         *,
         update: Literal["projected", "factored"] = "projected",
+        coordinates: Literal["whitened", "ambient"] | None = None,
         correct_every: int | None = 50,
         update_logdet_bounds: Bounds | None = None,
         max_update_condition: float = 1e3,
@@ -106,6 +127,15 @@ class PositiveDefinite(Perturbation):
         super().__init__(seed=seed, correct_every=correct_every, on_reject=on_reject)
         self.rank = None if rank is None else check_int("rank", rank, minimum=1)
         self.update = check_choice("update", update, ("projected", "factored"))
+        default = "whitened" if self.update == "projected" else "ambient"
+        self.coordinates = check_choice(
+            "coordinates", default if coordinates is None else coordinates, ("whitened", "ambient")
+        )
+        if self.update == "factored" and self.coordinates == "whitened":
+            raise P4ValueError(
+                'coordinates="whitened" needs update="projected"; the factored rule trains '
+                'U and V in ambient coordinates (leave coordinates out or pass "ambient")'
+            )
         self._bounds_given = update_logdet_bounds
         self.update_logdet_bounds = check_bounds("update_logdet_bounds", update_logdet_bounds)
         self.max_update_condition = check_number(
@@ -143,10 +173,17 @@ class PositiveDefinite(Perturbation):
         logdet = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
         stack = value.shape[:-2]
         like = dict(dtype=value.dtype, device=value.device)
+        factors = {}
+        if self.whitened:  # A = F F^T with F = L, the Cholesky factor, to start with
+            eye = torch.eye(n, dtype=chol.dtype, device=chol.device).expand_as(chol)
+            chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+            factors = {"factor": chol, "factor_inv": chol_inv}
         if "master" not in self._buffers:
             self.register_buffer("master", master.to(value.device))
             self.register_buffer("inv", inv.to(value.device))
             self.register_buffer("logabsdet_base", logdet.to(value.device))
+            for name, tensor in factors.items():
+                self.register_buffer(name, tensor.to(value.device))
             if self.update == "projected":
                 self.delta = nn.Parameter(torch.zeros((*stack, n, n), **like))
             else:
@@ -157,6 +194,8 @@ class PositiveDefinite(Perturbation):
                 self.master.copy_(master)
                 self.inv.copy_(inv)
                 self.logabsdet_base.copy_(logdet)
+                for name, tensor in factors.items():
+                    self._buffers[name].copy_(tensor)  # type: ignore[union-attr]
         self.identity()
         return master.to(value.dtype)
 
@@ -176,18 +215,40 @@ class PositiveDefinite(Perturbation):
         self.U.copy_(torch.where(mask, 0, self.U))
         self.V.copy_(torch.where(mask, fresh.to(self.V), self.V))
 
+    @property
+    def whitened(self) -> bool:
+        """Whether the projected change acts in the whitened coordinates of :math:`A = FF^T`."""
+        return self.coordinates == "whitened"
+
     def apply(self, base: Tensor) -> Tensor:
-        r""":math:`(I + UV^T) A (I + UV^T)^T` in the layer's dtype, exactly symmetric."""
+        r"""The current matrix in the layer's dtype, exactly symmetric; ``base`` at the identity.
+
+        Whitened: :math:`A + S + S^T` with :math:`G = F\Delta`, :math:`S = G(F + G/2)^T`
+        (equal to :math:`F(I + \Delta)(I + \Delta)^TF^T`; two :math:`O(n^3)` products).
+        Ambient: :math:`(I + UV^T) A (I + UV^T)^T`.
+        """
         if self.update == "factored":
             return cg.congruence(base, self.U, self.V)
+        if self.whitened:
+            factor = self.factor.to(base.dtype)
+            g = factor @ self.delta
+            s = g @ (factor + 0.5 * g).mT
+            return cg.symmetrize(base + (s + s.mT))
         e = self.delta @ base
         return cg.symmetrize(base + e + e.mT + e @ self.delta.mT)
 
+    def _whiten(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        r"""Ambient factors of a whitened change :math:`ab^T`: :math:`(Fa, F^{-T}b)`."""
+        return self.factor @ a, self.factor_inv.mT @ b
+
     def _factors(self) -> tuple[Tensor, Tensor]:
-        """The exact pending :math:`M - I = UV^T` in float64 (projected: :math:`(\\Delta, I)`)."""
+        """The exact pending :math:`M - I = UV^T` in float64 (projected: :math:`(\\Delta, I)`,
+        whitened: :math:`(F\\Delta, F^{-T})`)."""
         if self.update == "factored":
             return self.U.to(torch.float64), self.V.to(torch.float64)
         delta = self.delta.to(torch.float64)
+        if self.whitened:  # (F delta, F^{-T} I)
+            return self.factor @ delta, self.factor_inv.mT
         return delta, torch.eye(delta.shape[-1], dtype=delta.dtype, device=delta.device)
 
     def _at_zero(self) -> bool:
@@ -200,6 +261,9 @@ class PositiveDefinite(Perturbation):
             return self.logabsdet_base + 2 * self.delta.to(torch.float64).diagonal(
                 dim1=-2, dim2=-1
             ).sum(-1)
+        if self.update == "projected":  # det M = det(I + delta) in either coordinates
+            delta = self.delta.to(torch.float64)
+            return self.logabsdet_base + 2 * torch.linalg.slogdet(delta + _eye_like(delta))[1]
         u, v = self._factors()
         return self.logabsdet_base + 2 * torch.linalg.slogdet(cg.congruence_capacitance(u, v))[1]
 
@@ -211,6 +275,9 @@ class PositiveDefinite(Perturbation):
         r""":math:`W^{-1}` (symmetric), float64, differentiable; shape (*, n, n)."""
         if self._at_zero():  # first-order expansion, exact at delta = 0 with its gradient
             delta = self.delta.to(torch.float64)
+            if self.whitened:  # W^{-1} = F^{-T} (I + D)^{-T} (I + D)^{-1} F^{-1}
+                fi = self.factor_inv
+                return self.inv - fi.mT @ (delta + delta.mT) @ fi
             return self.inv - self.inv @ delta - delta.mT @ self.inv
         return cg.congruence_inverse(self.inv, *self._factors())
 
@@ -231,6 +298,9 @@ class PositiveDefinite(Perturbation):
 
         if self._at_zero():
             z = times(self.inv, y)
+            if self.whitened:
+                fy = times(self.factor_inv, y)
+                return z - times(self.factor_inv.mT, times(self.delta + self.delta.mT, fy))
             return z - times(self.inv, times(self.delta, y)) - times(self.delta.mT, z)
         return times(self.inverse(), y)
 
@@ -241,8 +311,10 @@ class PositiveDefinite(Perturbation):
         n = u.shape[-2]
         if self.update == "factored" or self.rank >= n:  # type: ignore[operator]
             return u, v
-        start = torch.randn((*u.shape[:-1], self.rank), generator=self.rng(), dtype=u.dtype)
-        return linalg.range_finder(u, start.to(u.device))
+        delta = self.delta.to(torch.float64)
+        start = torch.randn((*delta.shape[:-1], self.rank), generator=self.rng(), dtype=u.dtype)
+        q, r = linalg.range_finder(delta, start.to(u.device))  # delta ~ q r^T
+        return self._whiten(q, r) if self.whitened else (q, r)
 
     def propose(self) -> Proposal:
         """Check every element's capacitance; cut projected steps back; build the merged bases."""
@@ -269,8 +341,18 @@ class PositiveDefinite(Perturbation):
         codes = torch.where((codes == 0) & not_pd, Reason.INFEASIBLE_RESULT.code, codes)
         codes = torch.where(finite, codes, Reason.NON_FINITE_UPDATE.code)
         figures = {"update_logabsdet": float(lad.abs().nan_to_num(math.inf).amax())}
-        data = (matrix, inv, self.logabsdet_base + 2 * lad)
+        data = (matrix, inv, self.logabsdet_base + 2 * lad, self._factor_update(u, v))
         return Proposal(codes=codes, scale=scale, cut=cut, figures=figures, data=data)
+
+    def _factor_update(self, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor] | None:
+        r"""Whitened: :math:`F \leftarrow MF = F + U(V^TF)` and
+        :math:`F^{-1} \leftarrow F^{-1} - (F^{-1}U)\,C^{-1}V^T` (Woodbury); :math:`O(n^2k)`."""
+        if not self.whitened:
+            return None
+        factor = self.factor + u @ (v.mT @ self.factor)
+        cap = cg.congruence_capacitance(u, v)
+        factor_inv = self.factor_inv - (self.factor_inv @ u) @ torch.linalg.solve(cap, v.mT)
+        return factor, factor_inv
 
     def _codes(self, u: Tensor, v: Tensor) -> Tensor:
         cap = cg.congruence_capacitance(u, v)
@@ -288,10 +370,13 @@ class PositiveDefinite(Perturbation):
         return code
 
     def fold(self, proposal: Proposal, ok: Tensor) -> None:
-        matrix, inv, logdet = proposal.data
+        matrix, inv, logdet, factors = proposal.data
         mask = ok[..., None, None]
         self.master.copy_(torch.where(mask, matrix, self.master))
         self.inv.copy_(torch.where(mask, inv, self.inv))
+        if factors is not None:
+            self.factor.copy_(torch.where(mask, factors[0], self.factor))
+            self.factor_inv.copy_(torch.where(mask, factors[1], self.factor_inv))
         self.logabsdet_base.copy_(torch.where(ok, logdet, self.logabsdet_base))
         self.base.copy_(self.master)
         partial = ok & (proposal.scale < 1)  # type: ignore[operator]
@@ -300,7 +385,21 @@ class PositiveDefinite(Perturbation):
 
     @torch.no_grad()
     def correct(self) -> dict[str, float]:
-        """Cholesky of the master copy: exact inverse and log-det, PD proven; :math:`O(n^3)`."""
+        r"""Cholesky of the master copy: exact inverse and log-det, PD proven; :math:`O(n^3)`.
+
+        Whitened: the master is first recomputed as :math:`FF^T` and :math:`F^{-1}` by LU
+        (backward stable however far the tracked one drifted; an iterative refinement diverges
+        once :math:`\lVert I - FF^{-1}\rVert \ge 1`); :math:`F`, the coordinates of the
+        pending change, stays as it is.
+        """
+        figures = {}
+        if self.whitened:
+            factor, fi = self.factor, self.factor_inv
+            figures["factor_residual"] = float(linalg.inverse_residual(factor, fi).abs().amax())
+            fresh, info = torch.linalg.inv_ex(factor)
+            self.factor_inv.copy_(torch.where((info == 0)[..., None, None], fresh, fi))
+            self.master.copy_(cg.symmetrize(factor @ factor.mT))
+            self.base.copy_(self.master)
         chol, info = torch.linalg.cholesky_ex(self.master)
         repaired = int((info != 0).sum())
         if repaired:  # rounding broke positive definiteness: project back
@@ -311,7 +410,7 @@ class PositiveDefinite(Perturbation):
         residual = float(linalg.inverse_residual(self.master, self.inv).abs().amax())
         self.inv.copy_(inv)
         self.logabsdet_base.copy_(2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1))
-        return {"inverse_residual": residual, "repaired": float(repaired)}
+        return {"inverse_residual": residual, "repaired": float(repaired), **figures}
 
     def dtype_changed(self, old: torch.dtype, new: torch.dtype) -> None:
         with torch.no_grad():
@@ -324,7 +423,9 @@ class PositiveDefinite(Perturbation):
         Figures: ``symmetry_error`` :math:`\max|W - W^T|` of the layer's matrix,
         ``min_eigenvalue`` (relative to the largest), ``inverse_error``
         :math:`\lVert W W^{-1} - I\rVert_{\max}`, ``logdet_error`` against
-        ``torch.linalg.slogdet`` and ``base_rounding`` (layer base against the float64 master).
+        ``torch.linalg.slogdet``, ``base_rounding`` (layer base against the float64 master) and, in
+        whitened coordinates, ``factor_error`` (:math:`FF^T` against the master, relative) and
+        ``factor_inverse_error`` (:math:`\lVert I - FF^{-1}\rVert_{\max}`).
         A matrix that is not positive definite gives a FAILED report. Cost :math:`O(n^3)`.
         """
         layer = self.current()
@@ -337,6 +438,12 @@ class PositiveDefinite(Perturbation):
             "base_rounding": float((self.base.double() - self.master).abs().amax()) / scale,
         }
         tolerances = {"symmetry_error": 0.0, "inverse_error": 1e-6, "logdet_error": 1e-6}
+        if self.whitened:  # the tracked factor against the master copy, and its inverse
+            drift = (self.factor @ self.factor.mT - self.master).abs().amax((-2, -1))
+            figures["factor_error"] = float((drift / self.master.abs().amax((-2, -1))).amax())
+            residual = linalg.inverse_residual(self.factor, self.factor_inv)
+            figures["factor_inverse_error"] = float(residual.abs().amax())
+            tolerances.update(factor_error=1e-6, factor_inverse_error=1e-6)
         tolerances["base_rounding"] = 2 * torch.finfo(self.base.dtype).eps
         sign, ref = torch.linalg.slogdet(w)
         if not bool((eig[..., 0] > 0).all() & (sign > 0).all()):
@@ -347,4 +454,7 @@ class PositiveDefinite(Perturbation):
         return ValidationReport(self.where, figures, tolerances)
 
     def extra_repr(self) -> str:
-        return f"update={self.update!r}, rank={self.rank}, correct_every={self.correct_every}"
+        return (
+            f"update={self.update!r}, coordinates={self.coordinates!r}, rank={self.rank}, "
+            f"correct_every={self.correct_every}"
+        )
