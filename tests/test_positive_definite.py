@@ -308,3 +308,18 @@ def test_whitened_adam_reaches_the_precision_and_stays(seed):
     reached = next(i for i, r in enumerate(relative) if r < task.target)
     assert reached < 150  # measured 81 and 87 steps (ambient coordinates: 77-86 ...)
     assert max(relative[reached:]) < 10 * task.target  # ... then 2e-3 to 8e-3)
+
+
+@pytest.mark.parametrize("rule", ["projected", "projected-ambient"])
+def test_cut_back_merge_keeps_every_tracked_quantity_exact(rule):
+    holder, pert = _layer(rule)
+    with torch.no_grad():
+        pert.delta.copy_(2.0 * torch.eye(5, dtype=torch.float64))  # log|det C| = 5 log 3 > k = 5
+    result = pert.merge()
+    assert result.outcome == "partial" and result.scale < 1  # cut back, not refused
+    w = holder.weight.detach()
+    assert float(torch.linalg.slogdet(w)[1] - torch.linalg.slogdet(_spd(5))[1]) <= 2 * 5 + 1e-9
+    assert (pert.inverse() - torch.linalg.inv(w)).abs().max() < 1e-10
+    assert (pert.logabsdet() - torch.linalg.slogdet(w)[1]).abs().max() < 1e-12
+    report = pert.validate()
+    assert report.ok, report

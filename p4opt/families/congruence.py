@@ -15,12 +15,16 @@ import torch
 
 from p4opt._typing import Tensor
 from p4opt.errors import SingularMatrixError
+from p4opt.linalg.merge import _condition
+from p4opt.records import Reason
 
 __all__ = [
+    "capacitance_codes",
     "congruence",
     "congruence_capacitance",
     "congruence_inverse",
     "congruence_scale",
+    "factor_update",
     "project_spd",
     "symmetrize",
 ]
@@ -37,7 +41,8 @@ def symmetrize(a: Tensor) -> Tensor:
     return (a + a.mT) / 2
 
 
-def congruence(a: Tensor, u: Tensor, v: Tensor) -> Tensor:
+def congruence(a: Tensor, u: Tensor, v: Tensor, av: Tensor | None = None,
+               inner: Tensor | None = None) -> Tensor:
     r"""The congruence :math:`(I + UV^T)\,A\,(I + UV^T)^T` of a symmetric ``a``, symmetrized.
 
     .. math:: MAM^T = A + E + E^T + U (V^TAV) U^T, \qquad E = U (AV)^T
@@ -47,6 +52,10 @@ def congruence(a: Tensor, u: Tensor, v: Tensor) -> Tensor:
     a : Tensor, shape (*, n, n)
         Symmetric matrix.
     u, v : Tensor, shape (*, n, k)
+    av, inner : Tensor, optional
+        :math:`AV` (*, n, k) and :math:`V^TAV` (*, k, k) when the caller knows them (with
+        :math:`A = FF^T` and :math:`V = F^{-T}B`: :math:`FB` and :math:`B^TB`); each saves
+        an :math:`O(n^2k)` product.
 
     Returns
     -------
@@ -61,9 +70,9 @@ def congruence(a: Tensor, u: Tensor, v: Tensor) -> Tensor:
     >>> congruence(a, u, u).diagonal().tolist()   # M = diag(2, 1)
     [4.0, 1.0]
     """
-    av = a @ v
+    av = a @ v if av is None else av
     e = u @ av.mT
-    inner = v.mT @ av
+    inner = v.mT @ av if inner is None else inner
     return symmetrize(a + e + e.mT + u @ inner @ u.mT)
 
 
@@ -73,7 +82,7 @@ def congruence_capacitance(u: Tensor, v: Tensor) -> Tensor:
     return cap + _eye_like(cap)
 
 
-def congruence_inverse(inv: Tensor, u: Tensor, v: Tensor) -> Tensor:
+def congruence_inverse(inv: Tensor, u: Tensor, v: Tensor, cap: Tensor | None = None) -> Tensor:
     r"""Inverse of the congruence by Woodbury applied on both sides.
 
     .. math:: (MAM^T)^{-1} = M^{-T}A^{-1}M^{-1}, \qquad M^{-1} = I - U C^{-1} V^T
@@ -83,6 +92,8 @@ def congruence_inverse(inv: Tensor, u: Tensor, v: Tensor) -> Tensor:
     inv : Tensor, shape (*, n, n)
         :math:`A^{-1}` (symmetric).
     u, v : Tensor, shape (*, n, k)
+    cap : Tensor, shape (*, k, k), optional
+        :math:`C` from :func:`congruence_capacitance`, when already computed.
 
     Returns
     -------
@@ -99,17 +110,82 @@ def congruence_inverse(inv: Tensor, u: Tensor, v: Tensor) -> Tensor:
     >>> torch.allclose(congruence_inverse(a.inverse(), u, v), ref)
     True
     """
-    cap = congruence_capacitance(u, v)
+    cap = congruence_capacitance(u, v) if cap is None else cap
     right = inv - (inv @ u) @ torch.linalg.solve(cap, v.mT)  # A^{-1} M^{-1}
     left = right - v @ torch.linalg.solve(cap.mT, u.mT @ right)  # M^{-T} A^{-1} M^{-1}
     return symmetrize(left)
 
 
-def _condition(m: Tensor) -> Tensor:
-    if m.shape[-1] == 1:
-        return torch.ones(m.shape[:-2], dtype=m.dtype, device=m.device)
-    s = torch.linalg.svdvals(torch.where(torch.isfinite(m), m, 0))
-    return s[..., 0] / s[..., -1]
+def factor_update(
+    factor: Tensor, factor_inv: Tensor, u: Tensor, v: Tensor, a: Tensor, b: Tensor | None,
+    cap: Tensor,
+) -> tuple[Tensor, Tensor]:
+    r"""The factor :math:`F` of :math:`A = FF^T` and its inverse after the congruence by :math:`M`.
+
+    With a whitened change :math:`ab^T` (:math:`U = Fa`, :math:`V = F^{-T}b`,
+    :math:`M = I + UV^T = F(I + ab^T)F^{-1}`):
+
+    .. math:: F \leftarrow MF = F + Ub^T, \qquad
+              F^{-1} \leftarrow F^{-1} - a\,C^{-1}V^T, \quad C = I + V^TU
+
+    (Woodbury, using :math:`F^{-1}U = a`), so that :math:`MAM^T = (MF)(MF)^T`.
+
+    Parameters
+    ----------
+    factor, factor_inv : Tensor, shape (*, n, n)
+    u, v, a : Tensor, shape (*, n, k)
+    b : Tensor, shape (*, n, k), or None
+        ``None`` stands for the identity (``k = n``, the whole change :math:`a = \Delta`).
+    cap : Tensor, shape (*, k, k)
+        :math:`C` from :func:`congruence_capacitance`.
+
+    Returns
+    -------
+    (Tensor, Tensor)
+        The new :math:`F` and :math:`F^{-1}`. Cost :math:`O(n^2k + k^3)`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> f = torch.eye(3, dtype=torch.float64) + 0.1 * torch.randn(3, 3, generator=g,
+    ...                                                         dtype=torch.float64)
+    >>> a = 0.2 * torch.randn(3, 3, generator=g, dtype=torch.float64)
+    >>> u, v = f @ a, torch.linalg.inv(f).mT
+    >>> new, new_inv = factor_update(f, torch.linalg.inv(f), u, v, a, None,
+    ...                              congruence_capacitance(u, v))
+    >>> eye = torch.eye(3, dtype=torch.float64)
+    >>> bool(torch.allclose(new, f @ (eye + a))), bool(torch.allclose(new @ new_inv, eye))
+    (True, True)
+    """
+    step = u if b is None else u @ b.mT
+    return factor + step, factor_inv - a @ torch.linalg.solve(cap, v.mT)
+
+
+def capacitance_codes(
+    cap: Tensor, bounds: Bounds, max_condition: float
+) -> tuple[Tensor, Tensor]:
+    r"""Per element, the :class:`~p4opt.Reason` code of the first failed check of :math:`C`.
+
+    Checks, in order: :math:`C` singular, :math:`\log|\det C|` outside ``bounds``, 2-norm
+    condition number above ``max_condition`` (0 = all passed).
+
+    Returns
+    -------
+    (Tensor, Tensor)
+        Codes (long) and :math:`\log|\det C|`, shape (*) each. Cost :math:`O(k^3)`.
+    """
+    sign, lad = torch.linalg.slogdet(cap)
+    checks = [
+        (sign == 0) | ~torch.isfinite(lad),
+        (lad < bounds[0]) | (lad > bounds[1]),
+        _condition(cap) > max_condition,
+    ]
+    reasons = (Reason.SINGULAR_UPDATE, Reason.UPDATE_BOUNDS, Reason.ILL_CONDITIONED_UPDATE)
+    code = torch.zeros(sign.shape, dtype=torch.long, device=cap.device)
+    for reason, failed in zip(reasons, checks, strict=True):
+        code = torch.where((code == 0) & failed, reason.code, code)
+    return code, lad
 
 
 def congruence_scale(

@@ -15,7 +15,7 @@ from p4opt.errors import P4ValueError, ShapeError, SingularMatrixError, describe
 from p4opt.families import congruence as cg
 from p4opt.families.congruence import project_spd
 from p4opt.families.positive_definite_queries import PositiveDefiniteQueries
-from p4opt.linalg.merge import _condition
+from p4opt.linalg._common import _eye_like
 from p4opt.perturbation import Perturbation, Proposal, Reason
 
 __all__ = ["PositiveDefinite", "project_spd"]
@@ -237,10 +237,6 @@ class PositiveDefinite(PositiveDefiniteQueries, Perturbation):
         e = self.delta @ base
         return cg.symmetrize(base + e + e.mT + e @ self.delta.mT)
 
-    def _whiten(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        r"""Ambient factors of a whitened change :math:`ab^T`: :math:`(Fa, F^{-T}b)`."""
-        return self.factor @ a, self.factor_inv.mT @ b
-
     def _factors(self) -> tuple[Tensor, Tensor]:
         """The exact pending :math:`M - I = UV^T` in float64 (projected: :math:`(\\Delta, I)`,
         whitened: :math:`(F\\Delta, F^{-T})`)."""
@@ -257,68 +253,67 @@ class PositiveDefinite(PositiveDefiniteQueries, Perturbation):
     # ------------------------------------------------------------ user methods
     # ------------------------------------------------------------------ merging
     @torch.no_grad()
-    def _merge_factors(self) -> tuple[Tensor, Tensor]:
-        u, v = self._factors()
-        n = u.shape[-2]
-        if self.update == "factored" or self.rank >= n:  # type: ignore[operator]
-            return u, v
+    def _merge_factors(self) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor | None] | None]:
+        """``(U, V)`` of the merge, and in whitened coordinates the change ``(a, b)`` they
+        stand for (:math:`\\Delta \\approx ab^T`, ``b = None``: the identity)."""
+        if self.update == "factored":
+            return *self._factors(), None
         delta = self.delta.to(torch.float64)
-        start = torch.randn((*delta.shape[:-1], self.rank), generator=self.rng(), dtype=u.dtype)
-        q, r = linalg.range_finder(delta, start.to(u.device))  # delta ~ q r^T
-        return self._whiten(q, r) if self.whitened else (q, r)
+        n = delta.shape[-1]
+        if self.rank >= n:  # type: ignore[operator]
+            a, b = delta, None
+        else:
+            start = torch.randn((*delta.shape[:-1], self.rank), generator=self.rng(),
+                                dtype=delta.dtype)
+            a, b = linalg.range_finder(delta, start.to(delta.device))  # delta ~ a b^T
+        if not self.whitened:
+            return a, _eye_like(delta) if b is None else b, None
+        v = self.factor_inv.mT if b is None else self.factor_inv.mT @ b
+        return self.factor @ a, v, (a, b)
 
     def propose(self) -> Proposal:
         """Check every element's capacitance; cut projected steps back; build the merged bases."""
-        u, v = self._merge_factors()
+        u, v, change = self._merge_factors()
         finite = torch.isfinite(u).all(-1).all(-1) & torch.isfinite(v).all(-1).all(-1)
-        u = torch.where(finite[..., None, None], u, 0)
-        v = torch.where(finite[..., None, None], v, 0)
-        codes = self._codes(u, v)
+        keep = finite[..., None, None]
+        u, v = torch.where(keep, u, 0), torch.where(keep, v, 0)
+        if change is not None:
+            a, b = change
+            change = (torch.where(keep, a, 0), b)
+        cap = cg.congruence_capacitance(u, v)  # computed once, scaled below when cut back
+        bounds, limit = self.update_logdet_bounds, self.max_update_condition
+        codes, lad = cg.capacitance_codes(cap, bounds, limit)
         scale = torch.ones(codes.shape, dtype=torch.float64, device=u.device)
         scalable = torch.isin(codes, torch.tensor(_SCALABLE, device=codes.device))
         cut = torch.where(scalable, codes, 0)
         if self.update == "projected" and bool(scalable.any()):
-            t = cg.congruence_scale(u, v, self.update_logdet_bounds, self.max_update_condition)
+            t = cg.congruence_scale(u, v, bounds, limit)
             scale = torch.where(scalable & (t > 0), t, scale)
-            u = u * scale[..., None, None]
-            codes = self._codes(u, v)
-        matrix = cg.congruence(self.master, u, v)
-        inv = cg.congruence_inverse(self.inv, u, v)
-        lad = torch.linalg.slogdet(cg.congruence_capacitance(u, v))[1]
-        limit = torch.finfo(self.base.dtype).max
-        bad = ~(matrix.abs().amax((-2, -1)) < limit) | ~torch.isfinite(inv).all(-1).all(-1)
+            t3 = scale[..., None, None]
+            u, eye = u * t3, _eye_like(cap)
+            cap = eye + t3 * (cap - eye)  # I + t V^T U
+            if change is not None:
+                change = (change[0] * t3, change[1])
+            codes, lad = cg.capacitance_codes(cap, bounds, limit)
+        if change is None:
+            matrix = cg.congruence(self.master, u, v)
+            factors = None
+        else:  # A V = F b and V^T A V = b^T b: no product with F^{-T}
+            a, b = change
+            av = self.factor if b is None else self.factor @ b
+            inner = _eye_like(cap) if b is None else b.mT @ b
+            matrix = cg.congruence(self.master, u, v, av, inner)
+            factors = cg.factor_update(self.factor, self.factor_inv, u, v, a, b, cap)
+        inv = cg.congruence_inverse(self.inv, u, v, cap)
+        dtype_max = torch.finfo(self.base.dtype).max
+        bad = ~(matrix.abs().amax((-2, -1)) < dtype_max) | ~torch.isfinite(inv).all(-1).all(-1)
         codes = torch.where((codes == 0) & bad, Reason.NON_FINITE_RESULT.code, codes)
         not_pd = (matrix.diagonal(dim1=-2, dim2=-1) <= 0).any(-1)
         codes = torch.where((codes == 0) & not_pd, Reason.INFEASIBLE_RESULT.code, codes)
         codes = torch.where(finite, codes, Reason.NON_FINITE_UPDATE.code)
         figures = {"update_logabsdet": float(lad.abs().nan_to_num(math.inf).amax())}
-        data = (matrix, inv, self.logabsdet_base + 2 * lad, self._factor_update(u, v))
+        data = (matrix, inv, self.logabsdet_base + 2 * lad, factors)
         return Proposal(codes=codes, scale=scale, cut=cut, figures=figures, data=data)
-
-    def _factor_update(self, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor] | None:
-        r"""Whitened: :math:`F \leftarrow MF = F + U(V^TF)` and
-        :math:`F^{-1} \leftarrow F^{-1} - (F^{-1}U)\,C^{-1}V^T` (Woodbury); :math:`O(n^2k)`."""
-        if not self.whitened:
-            return None
-        factor = self.factor + u @ (v.mT @ self.factor)
-        cap = cg.congruence_capacitance(u, v)
-        factor_inv = self.factor_inv - (self.factor_inv @ u) @ torch.linalg.solve(cap, v.mT)
-        return factor, factor_inv
-
-    def _codes(self, u: Tensor, v: Tensor) -> Tensor:
-        cap = cg.congruence_capacitance(u, v)
-        sign, lad = torch.linalg.slogdet(cap)
-        lo, hi = self.update_logdet_bounds
-        checks = [
-            (sign == 0) | ~torch.isfinite(lad),
-            (lad < lo) | (lad > hi),
-            _condition(cap) > self.max_update_condition,
-        ]
-        reasons = (Reason.SINGULAR_UPDATE, Reason.UPDATE_BOUNDS, Reason.ILL_CONDITIONED_UPDATE)
-        code = torch.zeros(sign.shape, dtype=torch.long, device=cap.device)
-        for reason, failed in zip(reasons, checks, strict=True):
-            code = torch.where((code == 0) & failed, reason.code, code)
-        return code
 
     def fold(self, proposal: Proposal, ok: Tensor) -> None:
         matrix, inv, logdet, factors = proposal.data
