@@ -224,3 +224,19 @@ def test_condition_check_agrees_with_the_svd_on_both_sides_of_the_cheap_bound():
                                                                       dtype=torch.float64)
         for limit in (1.5, 10.0, 1e3):
             assert torch.equal(_condition_exceeds(cap, limit), _condition(cap) > limit)
+
+
+@pytest.mark.parametrize("n", [1, 8, 64])
+def test_spd_condition_is_a_tight_lower_bound_of_the_eigenvalue_ratio(n):
+    g = torch.Generator().manual_seed(n)
+    q = linalg.random_orthogonal(n, generator=g, dtype=torch.float64).expand(3, n, n)
+    spread = torch.tensor([0.0, -3.0, -9.0], dtype=torch.float64)  # log10 of 1/condition
+    steps = torch.linspace(0, 1, n, dtype=torch.float64)
+    eig = torch.pow(10.0, spread[:, None] * steps)
+    a = q @ torch.diag_embed(eig) @ q.mT
+    estimate = linalg.spd_condition(a, torch.linalg.inv(a))
+    true = eig.amax(-1) / eig.amin(-1)
+    # at most the true ratio, up to the inverse's own rounding (condition x eps ~ 1e-7)
+    assert bool((estimate <= true * (1 + 1e-6)).all()) and bool((estimate >= 0.7 * true).all())
+    broken = -a[0]  # negative definite: no condition number of an SPD matrix
+    assert math.isinf(float(linalg.spd_condition(broken, torch.linalg.inv(broken))))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -323,3 +325,51 @@ def test_cut_back_merge_keeps_every_tracked_quantity_exact(rule):
     assert (pert.logabsdet() - torch.linalg.slogdet(w)[1]).abs().max() < 1e-12
     report = pert.validate()
     assert report.ok, report
+
+
+def _ill_conditioned(n: int, condition: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+    eig = torch.logspace(0, -math.log10(condition), n, dtype=torch.float64)
+    return q @ torch.diag(eig) @ q.mT
+
+
+def test_near_boundary_warns_once_and_validate_checks_the_layer_dtype():
+    holder = torch.nn.Module()
+    holder.weight = torch.nn.Parameter(_ill_conditioned(16, 1e9, seed=1))
+    pert = p4opt.register(holder, "weight", p4opt.PositiveDefinite(seed=0, floor=1e-12))
+    assert pert.validate().ok  # float64 holds a condition number of 1e9
+    holder.float()  # rounding into float32 can leave the matrix indefinite
+    with pytest.warns(UserWarning, match=r"condition number 1e\+09.*float32"):
+        report = pert.validate()  # noticing the new dtype checks the condition number
+    assert not report.ok and "float32 matrix is not positive definite" in report.problem
+    assert report.figures["layer_min_eigenvalue"] < 0 < report.figures["min_eigenvalue"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per perturbation
+        figures = pert.correct()
+    assert 0.7e9 < figures["condition"] <= 1.001e9
+
+
+def test_well_conditioned_float32_layer_corrects_without_warning():
+    holder = torch.nn.Module()
+    holder.weight = torch.nn.Parameter(_ill_conditioned(16, 1e3, seed=2).float())
+    pert = p4opt.register(holder, "weight", p4opt.PositiveDefinite(seed=0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figures = pert.correct()
+    assert 0.7e3 < figures["condition"] <= 1.001e3
+    report = pert.validate()
+    assert report.ok and abs(report.figures["condition"] / 1e3 - 1) < 1e-3
+
+
+def test_correction_of_a_singular_factor_projects_and_restarts_the_factor():
+    holder, pert = _layer("projected", n=6, batch=(2,))
+    with torch.no_grad():
+        pert.factor[1, :, 0] = 0  # F F^T singular: the Cholesky proof fails for element 1
+    kept = pert.factor[0].clone()
+    figures = pert.correct()
+    assert figures["repaired"] == 1
+    assert torch.equal(pert.factor[0], kept)  # the healthy element keeps its coordinates
+    report = pert.validate()
+    assert report.ok, report
+    assert report.figures["factor_error"] < 1e-12 and report.figures["min_eigenvalue"] > 0

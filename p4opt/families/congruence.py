@@ -15,10 +15,13 @@ import torch
 
 from p4opt._typing import Tensor
 from p4opt.errors import SingularMatrixError
+from p4opt.linalg._common import _eye_like
 from p4opt.linalg.merge import _condition
 from p4opt.records import Reason
 
 __all__ = [
+    "boundary_limit",
+    "boundary_warning",
     "capacitance_codes",
     "congruence",
     "congruence_capacitance",
@@ -26,14 +29,11 @@ __all__ = [
     "congruence_scale",
     "factor_update",
     "project_spd",
+    "spd_buffers",
     "symmetrize",
 ]
 
 Bounds = tuple[float, float]
-
-
-def _eye_like(m: Tensor) -> Tensor:
-    return torch.eye(m.shape[-1], dtype=m.dtype, device=m.device).expand_as(m)
 
 
 def symmetrize(a: Tensor) -> Tensor:
@@ -213,11 +213,58 @@ def congruence_scale(
     return torch.where(first < steps, t[first.clamp_max(steps - 1)], 0.0)
 
 
+def spd_buffers(matrix: Tensor, whitened: bool) -> dict[str, Tensor]:
+    r"""The tracked quantities of SPD matrices, from their Cholesky factors :math:`A = LL^T`.
+
+    Returns ``inv`` (:math:`A^{-1}`, exactly symmetric), ``logabsdet_base`` (:math:`\log\det A`)
+    and, when ``whitened``, ``factor`` (:math:`F = L`) and ``factor_inv`` (:math:`L^{-1}`), all
+    in ``matrix``'s dtype; raises :class:`~p4opt.SingularMatrixError` when a factorization
+    fails. Cost :math:`O(n^3)`.
+    """
+    chol, info = torch.linalg.cholesky_ex(matrix)
+    if bool((info != 0).any()):
+        raise SingularMatrixError("the matrix is not numerically positive definite")
+    out = {
+        "inv": symmetrize(torch.cholesky_inverse(chol)),
+        "logabsdet_base": 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1),
+    }
+    if whitened:
+        out["factor"] = chol
+        out["factor_inv"] = torch.linalg.solve_triangular(chol, _eye_like(chol), upper=False)
+    return out
+
+
+def boundary_limit(dtype: torch.dtype) -> float:
+    r"""Condition number past which a positive-definite matrix is near the cone's boundary.
+
+    :math:`0.1/\varepsilon` of ``dtype`` (about 8.4e5 in float32, 4.5e14 in float64): beyond
+    it the smallest eigenvalue is within ten roundings of the largest, so storing the matrix
+    in ``dtype`` (or one more product in it) can leave it indefinite.
+    """
+    return 0.1 / torch.finfo(dtype).eps
+
+
+def boundary_warning(where: str, condition: float, dtype: torch.dtype) -> str:
+    """The warning for a matrix of condition number ``condition`` stored in ``dtype``, or ``""``."""
+    limit = boundary_limit(dtype)
+    if not condition > limit:
+        return ""
+    name = str(dtype).removeprefix("torch.")
+    return (
+        f"{where}: the positive-definite matrix has condition number {condition:.2g}, past "
+        f"{limit:.2g} (0.1 / eps of {name}): its smallest eigenvalue is near the rounding "
+        f"of its largest, and the layer's {name} matrix can stop being positive definite. "
+        "Keep it away from the boundary (a penalty on its smallest eigenvalues or log det), "
+        "or train the layer in float64; validate() reports the layer's own eigenvalues"
+    )
+
+
 def project_spd(value: Tensor, floor: float = 1e-6) -> Tensor:
     r"""Nearest symmetric matrix with every eigenvalue at least ``floor`` times the largest.
 
-    Symmetrizes :math:`(X + X^T)/2` and, when that is not already positive definite above the
-    floor, clips its eigenvalues from below (the Frobenius-nearest such matrix).
+    Symmetrizes :math:`(X + X^T)/2` and, for each matrix of the stack that is not already
+    positive definite above the floor, clips its eigenvalues from below (the Frobenius-nearest
+    such matrix); the other matrices are returned symmetrized, bit for bit.
 
     Parameters
     ----------
@@ -247,7 +294,9 @@ def project_spd(value: Tensor, floor: float = 1e-6) -> Tensor:
     if not bool((top > 0).all()):
         raise SingularMatrixError("a matrix with no positive eigenvalue has no SPD projection")
     low = (floor * top)[..., None]
-    if bool((eigval >= low).all()):
+    below = (eigval < low).any(-1)
+    if not bool(below.any()):
         return sym
     clipped = torch.maximum(eigval, low)
-    return symmetrize((eigvec * clipped[..., None, :]) @ eigvec.mT)
+    rebuilt = symmetrize((eigvec * clipped[..., None, :]) @ eigvec.mT)
+    return torch.where(below[..., None, None], rebuilt, sym)  # the others stay bit for bit

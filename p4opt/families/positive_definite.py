@@ -3,6 +3,7 @@ r"""Symmetric positive-definite matrices by congruence, with tracked inverse and
 from __future__ import annotations
 
 import math
+import warnings
 from typing import ClassVar, Literal
 
 import torch
@@ -148,6 +149,7 @@ class PositiveDefinite(PositiveDefiniteQueries, Perturbation):
             "init_scale", init_scale, positive=True
         )
         self.default_merge_every = 10
+        self._warned_boundary = False  # the near-boundary warning is given once
 
     # ------------------------------------------------------------ registration
     def attach(self, value: Tensor) -> Tensor:
@@ -164,26 +166,15 @@ class PositiveDefinite(PositiveDefiniteQueries, Perturbation):
             self.update_logdet_bounds = (-float(k), float(k))
         try:
             master = project_spd(value, self.floor)
+            tracked = cg.spd_buffers(master, self.whitened)  # A = F F^T with F = L to start
         except SingularMatrixError as error:
             raise SingularMatrixError(f"{self.where}: {error}") from None
-        chol, info = torch.linalg.cholesky_ex(master)
-        if bool((info != 0).any()):
-            raise SingularMatrixError(f"{self.where} is not numerically positive definite")
-        inv = cg.symmetrize(torch.cholesky_inverse(chol))
-        logdet = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-        stack = value.shape[:-2]
-        like = dict(dtype=value.dtype, device=value.device)
-        factors = {}
-        if self.whitened:  # A = F F^T with F = L, the Cholesky factor, to start with
-            eye = torch.eye(n, dtype=chol.dtype, device=chol.device).expand_as(chol)
-            chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
-            factors = {"factor": chol, "factor_inv": chol_inv}
+        tracked = {"master": master, **tracked}
         if "master" not in self._buffers:
-            self.register_buffer("master", master.to(value.device))
-            self.register_buffer("inv", inv.to(value.device))
-            self.register_buffer("logabsdet_base", logdet.to(value.device))
-            for name, tensor in factors.items():
+            for name, tensor in tracked.items():
                 self.register_buffer(name, tensor.to(value.device))
+            like = dict(dtype=value.dtype, device=value.device)
+            stack = value.shape[:-2]
             if self.update == "projected":
                 self.delta = nn.Parameter(torch.zeros((*stack, n, n), **like))
             else:
@@ -191,10 +182,7 @@ class PositiveDefinite(PositiveDefiniteQueries, Perturbation):
                 self.V = nn.Parameter(torch.zeros((*stack, n, k), **like))
         else:  # ``module.weight = X`` on a registered module: same shapes, new values
             with torch.no_grad():
-                self.master.copy_(master)
-                self.inv.copy_(inv)
-                self.logabsdet_base.copy_(logdet)
-                for name, tensor in factors.items():
+                for name, tensor in tracked.items():
                     self._buffers[name].copy_(tensor)  # type: ignore[union-attr]
         self.identity()
         return master.to(value.dtype)
@@ -250,7 +238,6 @@ class PositiveDefinite(PositiveDefiniteQueries, Perturbation):
     def _at_zero(self) -> bool:
         return self.update == "projected" and not bool(self.delta.detach().any())
 
-    # ------------------------------------------------------------ user methods
     # ------------------------------------------------------------------ merging
     @torch.no_grad()
     def _merge_factors(self) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor | None] | None]:
@@ -336,7 +323,8 @@ class PositiveDefinite(PositiveDefiniteQueries, Perturbation):
         Whitened: the master is first recomputed as :math:`FF^T` and :math:`F^{-1}` by LU
         (backward stable however far the tracked one drifted; an iterative refinement diverges
         once :math:`\lVert I - FF^{-1}\rVert \ge 1`); :math:`F`, the coordinates of the
-        pending change, stays as it is.
+        pending change, stays as it is, unless the matrix had to be projected back: then the
+        projected elements restart from their Cholesky factor.
         """
         figures = {}
         if self.whitened:
@@ -346,21 +334,38 @@ class PositiveDefinite(PositiveDefiniteQueries, Perturbation):
             self.factor_inv.copy_(torch.where((info == 0)[..., None, None], fresh, fi))
             self.master.copy_(cg.symmetrize(factor @ factor.mT))
             self.base.copy_(self.master)
-        chol, info = torch.linalg.cholesky_ex(self.master)
-        repaired = int((info != 0).sum())
+        repaired = int((torch.linalg.cholesky_ex(self.master).info != 0).sum())
+        changed = None
         if repaired:  # rounding broke positive definiteness: project back
-            self.master.copy_(project_spd(self.master, self.floor))
+            projected = project_spd(self.master, self.floor)
+            changed = (projected != self.master).flatten(-2).any(-1)[..., None, None]
+            self.master.copy_(projected)
             self.base.copy_(self.master)
-            chol = torch.linalg.cholesky(self.master)
-        inv = cg.symmetrize(torch.cholesky_inverse(chol))
         residual = float(linalg.inverse_residual(self.master, self.inv).abs().amax())
-        self.inv.copy_(inv)
-        self.logabsdet_base.copy_(2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1))
-        return {"inverse_residual": residual, "repaired": float(repaired), **figures}
+        tracked = cg.spd_buffers(self.master, whitened=self.whitened and changed is not None)
+        self.inv.copy_(tracked["inv"])
+        self.logabsdet_base.copy_(tracked["logabsdet_base"])
+        if "factor" in tracked:  # a projected matrix is no longer F F^T: restart F there
+            self.factor.copy_(torch.where(changed, tracked["factor"], self.factor))
+            self.factor_inv.copy_(torch.where(changed, tracked["factor_inv"], self.factor_inv))
+        condition = self._check_boundary()
+        return {"inverse_residual": residual, "repaired": float(repaired), "condition": condition,
+                **figures}
+
+    def _check_boundary(self) -> float:
+        """Estimated condition number (the largest over a stack); warns once near the boundary
+        for the layer's dtype (:func:`~p4opt.families.congruence.boundary_limit`)."""
+        condition = float(linalg.spd_condition(self.master, self.inv).amax())
+        message = cg.boundary_warning(self.where, condition, self.base.dtype)
+        if message and not self._warned_boundary:
+            self._warned_boundary = True
+            warnings.warn(message, stacklevel=3)
+        return condition
 
     def dtype_changed(self, old: torch.dtype, new: torch.dtype) -> None:
         with torch.no_grad():
             self.base.copy_(self.master)
+            self._check_boundary()
 
     def extra_repr(self) -> str:
         return (

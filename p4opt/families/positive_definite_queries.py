@@ -94,18 +94,25 @@ class PositiveDefiniteQueries:
         Figures: ``symmetry_error`` :math:`\max|W - W^T|` of the layer's matrix,
         ``min_eigenvalue`` (relative to the largest), ``inverse_error``
         :math:`\lVert W W^{-1} - I\rVert_{\max}`, ``logdet_error`` against
-        ``torch.linalg.slogdet``, ``base_rounding`` (layer base against the float64 master) and, in
+        ``torch.linalg.slogdet``, ``base_rounding`` (layer base against the float64 master),
+        ``condition`` (2-norm condition number of :math:`W`), ``layer_min_eigenvalue`` (of the
+        layer's matrix as stored in its dtype, relative to the largest) and, in
         whitened coordinates, ``factor_error`` (:math:`FF^T` against the master, relative) and
         ``factor_inverse_error`` (:math:`\lVert I - FF^{-1}\rVert_{\max}`).
-        A matrix that is not positive definite gives a FAILED report. Cost :math:`O(n^3)`.
+        A matrix that is not positive definite, in float64 or in the layer's dtype, gives a
+        FAILED report. Cost :math:`O(n^3)`.
         """
         layer = self.current()
         w = cg.congruence(self.master, *self._factors())
         eig = torch.linalg.eigvalsh(w)
+        stored = eig if layer.dtype == torch.float64 else torch.linalg.eigvalsh(layer.double())
         scale = float(self.master.abs().amax())
+        condition = (eig[..., -1] / eig[..., 0]).where(eig[..., 0] > 0, math.inf)
         figures = {
             "symmetry_error": float((layer - layer.mT).abs().amax()),
             "min_eigenvalue": float((eig[..., 0] / eig[..., -1]).amin()),
+            "condition": float(condition.amax()),
+            "layer_min_eigenvalue": float((stored[..., 0] / stored[..., -1]).amin()),
             "base_rounding": float((self.base.double() - self.master).abs().amax()) / scale,
         }
         tolerances = {"symmetry_error": 0.0, "inverse_error": 1e-6, "logdet_error": 1e-6}
@@ -120,6 +127,13 @@ class PositiveDefiniteQueries:
         if not bool((eig[..., 0] > 0).all() & (sign > 0).all()):
             figures.update(inverse_error=math.inf, logdet_error=math.inf)
             return ValidationReport(self.where, figures, tolerances, "not positive definite")
+        problem = ""
+        if not bool((stored[..., 0] > 0).all()):  # rounding into the layer's dtype broke it
+            dtype = str(layer.dtype).removeprefix("torch.")
+            problem = (
+                f"the layer's {dtype} matrix is not positive definite (condition number "
+                f"{figures['condition']:.2g} of the float64 matrix, past what {dtype} resolves)"
+            )
         figures["inverse_error"] = float(linalg.inverse_residual(w, self.inverse()).abs().amax())
         figures["logdet_error"] = float((self.logabsdet() - ref).abs().amax())
-        return ValidationReport(self.where, figures, tolerances)
+        return ValidationReport(self.where, figures, tolerances, problem)

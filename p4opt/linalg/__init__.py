@@ -33,7 +33,7 @@ from p4opt.linalg.merge import (
     low_rank_fold_,
     low_rank_merge_,
 )
-from p4opt.linalg.metrics import orthogonality_error, sum_complement
+from p4opt.linalg.metrics import orthogonality_error, spd_condition, sum_complement
 from p4opt.linalg.random import random_orthogonal
 from p4opt.linalg.refine import (
     hyperpower_step,
@@ -74,6 +74,7 @@ __all__ = [
     "round_robin",
     "invert_permutation",
     "orthogonality_error",
+    "spd_condition",
     "sum_complement",
     "random_orthogonal",
 ]
