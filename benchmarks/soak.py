@@ -10,12 +10,15 @@ orthogonality error <= 1e-6 for Orthogonal (of the weight the layer computes, ``
 the stored base's own error is printed beside it), inverse, log det and factor errors <= 1e-6
 for PositiveDefinite (on a Gaussian precision likelihood instead, fresh samples from a
 covariance with eigenvalues in [1/e, e], from P = I: the regression's optimum over SPD matrices
-lies on the cone's boundary, where no inverse stays accurate), the report of
+lies on the cone's boundary, where no inverse stays accurate; ``positive-definite-boundary``
+runs that regression on purpose, to show the near-boundary warning and the checks of the
+layer's own matrix), the report of
 ``validate()`` for the linear structures) and the last check is no worse than ten times the
-first or 1e-11 (no drift trend).
+first or 1e-11 (no drift trend). Warnings are recorded; the summary gives the step of each.
 
     python benchmarks/soak.py                                     # 10^4 steps, every family
     python benchmarks/soak.py --steps 100000 --family invertible  # the full soak of one family
+    python benchmarks/soak.py --steps 100000 --family positive-definite-boundary
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import argparse
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -39,6 +43,8 @@ FAMILIES: dict[str, Callable[[int], p4opt.Perturbation]] = {
     "orthogonal-householder": lambda n: p4opt.Orthogonal("householder", seed=0),
     "orthogonal-givens": lambda n: p4opt.Orthogonal("givens", seed=0),
     "positive-definite": lambda n: p4opt.PositiveDefinite(seed=0),
+    # the regression task: its optimum over SPD matrices lies on the cone's boundary
+    "positive-definite-boundary": lambda n: p4opt.PositiveDefinite(seed=0),
     "symmetric": lambda n: p4opt.Symmetric(seed=0),
     "zerosum": lambda n: p4opt.ZeroSum(dim=0, value=1.0, seed=0),
     "circulant": lambda n: p4opt.Circulant(seed=0),
@@ -82,31 +88,41 @@ def soak(family: str, steps: int, n: int = 64, lr: float = 1e-3, checks: int = 1
     goals = GOALS[_kind(family)]
     every = max(1, steps // checks)
     rows = []
+    warned: list[tuple[int, str]] = []
+    likelihood = family == "positive-definite"
     start = time.perf_counter()
-    for step in range(1, steps + 1):
-        x = torch.randn(32, n, generator=gen)
-        if _kind(family) == "spd":  # Gaussian precision likelihood: its optimum is interior
-            x = x @ root
-            loss = 0.5 * (lin(x) * x).sum(-1).mean() - 0.5 * pert.logabsdet().float()
-        else:
-            loss = (lin(x) - x @ target.T).square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        # 25 steps early: mid-cycle for a family that merges every step and corrects every 50
-        if (step + 25) % every == 0 or step == steps:
-            report = pert.validate()
-            figures = {k: report.figures[k] for k in goals}
-            if _kind(family) == "orthogonal":  # the stored base itself, in float64
-                base = pert.base.to(torch.float64)
-                eye = torch.eye(n, dtype=torch.float64)
-                figures["base_orthogonality_error"] = float((base.T @ base - eye).abs().max())
-            ok = all(
-                (report.ok if goal is None else figures[k] <= goal) for k, goal in goals.items()
-            )
-            row = {"step": step, "loss": float(loss.detach()), **figures, "ok": ok, **opt.stats}
-            rows.append(row)
-            print(json.dumps({"family": family, **row}), flush=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(1, steps + 1):
+            x = torch.randn(32, n, generator=gen)
+            if likelihood:  # Gaussian precision likelihood: its optimum is interior
+                x = x @ root
+                loss = 0.5 * (lin(x) * x).sum(-1).mean() - 0.5 * pert.logabsdet().float()
+            else:
+                loss = (lin(x) - x @ target.T).square().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            # 25 steps early: mid-cycle for a family that merges every step and corrects every 50
+            if (step + 25) % every == 0 or step == steps:
+                report = pert.validate()
+                figures = {k: report.figures[k] for k in goals}
+                if _kind(family) == "orthogonal":  # the stored base itself, in float64
+                    base = pert.base.to(torch.float64)
+                    eye = torch.eye(n, dtype=torch.float64)
+                    figures["base_orthogonality_error"] = float((base.T @ base - eye).abs().max())
+                if _kind(family) == "spd":  # how close to the boundary, and the layer's own matrix
+                    figures.update({k: report.figures[k] for k in ("condition",
+                                                                    "layer_min_eigenvalue")})
+                ok = (report.ok or _kind(family) != "spd") and all(
+                    (report.ok if goal is None else figures[k] <= goal) for k, goal in goals.items()
+                )
+                row = {"step": step, "loss": float(loss.detach()), **figures, "ok": ok, **opt.stats}
+                rows.append(row)
+                print(json.dumps({"family": family, **row}), flush=True)
+            while len(warned) < len(caught):
+                warned.append((step, str(caught[len(warned)].message)))
+                print(json.dumps({"family": family, "step": step, "warning": warned[-1][1]}))
     watched = [k for k in rows[0] if k.endswith("_error") or k == "residual"]
     first = {k: rows[0][k] for k in watched}
     last = {k: rows[-1][k] for k in watched}
@@ -120,6 +136,7 @@ def soak(family: str, steps: int, n: int = 64, lr: float = 1e-3, checks: int = 1
         "merges": {k: opt.stats[k] for k in ("merges_accepted", "merges_partial",
                                               "merges_rejected", "corrections")},
         "seconds": round(time.perf_counter() - start, 1),
+        "warnings": [{"step": step, "message": message} for step, message in warned],
     }
 
 
