@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -109,3 +110,23 @@ def test_old_import_paths_name_the_moved_modules() -> None:
     assert p4opt.baselines.Method is baselines.Method
     assert p4opt.tasks.runner is runner and p4opt.bench.step_cost is bench.step_cost
     assert p4opt.compare.run is compare.run and p4opt.cli.main is cli.main
+
+
+def test_bench_runs_every_mode_and_its_inverse_pass_round_trips(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench.json"
+    code = cli.main(["bench", "--sizes", "8", "--inverse-batches", "3", "--repeats", "1",
+                     "--out", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "low-mem" in text and "dense+slogdet" in text
+    results = json.loads(out.read_text())
+    step, inverse = results["step"][0], results["inverse"][0]
+    # the default mode merges after every step, the low-memory one every 10; nothing refused
+    assert step["p4inv_merges"]["merges_accepted"] == step["p4inv_merges"]["steps"] > 0
+    assert step["lowmem_merges"]["merges_accepted"] == step["lowmem_merges"]["steps"] // 10
+    assert step["p4inv_merges"]["merges_rejected"] == step["lowmem_merges"]["merges_rejected"] == 0
+    for mode in ("p4inv", "lowmem"):
+        assert 0 < step[f"{mode}_over_linear"] < float("inf")
+        assert inverse[f"{mode}_roundtrip_error"] < 1e-4  # solve(f(x) - b) gives x back
