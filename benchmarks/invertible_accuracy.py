@@ -60,8 +60,10 @@ def main() -> None:
     with torch.no_grad():
         lin.weight.copy_(torch.eye(n) + 0.3 * torch.randn(n, n, generator=gen) / n**0.5)
     pert = p4opt.register(
-        lin, "weight", p4opt.Invertible(rank=k, correct_every=args.correct_every, seed=args.seed)
-    )
+        lin, "weight",
+        p4opt.Invertible(rank=k, update="factored", correct_every=args.correct_every,
+                         seed=args.seed),
+    )  # the factored rule: the walk writes U against the drawn V
     eye = torch.eye(n, dtype=torch.float64)
     history, accepted, rejected = [], 0, 0
     start = time.perf_counter()

@@ -129,6 +129,7 @@ def main() -> None:
         configs = [("householder", None, None, None), ("householder", None, None, True),
                    ("householder", 32, None, None), ("householder", n, None, None),
                    ("householder", 4 * n, None, None), ("givens", None, None, None)]
+    configs = [c for c in configs if c[1] is None or c[1] <= 4 * n]  # Householder takes <= 4n
     for method, rank, merge_every, reset in configs:
         shown_rank = p4opt.families.orthogonal.default_rank(n) if rank is None else rank
         label = (f"P4 {method}" + (f" rank={shown_rank}" if method == "householder" else "")
