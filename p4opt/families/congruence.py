@@ -213,17 +213,18 @@ def congruence_scale(
     return torch.where(first < steps, t[first.clamp_max(steps - 1)], 0.0)
 
 
-def spd_buffers(matrix: Tensor, whitened: bool) -> dict[str, Tensor]:
+def spd_buffers(matrix: Tensor, whitened: bool, chol: Tensor | None = None) -> dict[str, Tensor]:
     r"""The tracked quantities of SPD matrices, from their Cholesky factors :math:`A = LL^T`.
 
     Returns ``inv`` (:math:`A^{-1}`, exactly symmetric), ``logabsdet_base`` (:math:`\log\det A`)
     and, when ``whitened``, ``factor`` (:math:`F = L`) and ``factor_inv`` (:math:`L^{-1}`), all
-    in ``matrix``'s dtype; raises :class:`~p4opt.SingularMatrixError` when a factorization
-    fails. Cost :math:`O(n^3)`.
+    in ``matrix``'s dtype; pass ``chol`` when the factors are already known. Raises
+    :class:`~p4opt.SingularMatrixError` when a factorization fails. Cost :math:`O(n^3)`.
     """
-    chol, info = torch.linalg.cholesky_ex(matrix)
-    if bool((info != 0).any()):
-        raise SingularMatrixError("the matrix is not numerically positive definite")
+    if chol is None:
+        chol, info = torch.linalg.cholesky_ex(matrix)
+        if bool((info != 0).any()):
+            raise SingularMatrixError("the matrix is not numerically positive definite")
     out = {
         "inv": symmetrize(torch.cholesky_inverse(chol)),
         "logabsdet_base": 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1),

@@ -334,15 +334,17 @@ class PositiveDefinite(PositiveDefiniteQueries, Perturbation):
             self.factor_inv.copy_(torch.where((info == 0)[..., None, None], fresh, fi))
             self.master.copy_(cg.symmetrize(factor @ factor.mT))
             self.base.copy_(self.master)
-        repaired = int((torch.linalg.cholesky_ex(self.master).info != 0).sum())
+        chol, info = torch.linalg.cholesky_ex(self.master)
+        repaired = int((info != 0).sum())
         changed = None
-        if repaired:  # rounding broke positive definiteness: project back
+        if repaired:  # rounding broke positive definiteness: project back, factorize again
             projected = project_spd(self.master, self.floor)
             changed = (projected != self.master).flatten(-2).any(-1)[..., None, None]
             self.master.copy_(projected)
             self.base.copy_(self.master)
+            chol = None
         residual = float(linalg.inverse_residual(self.master, self.inv).abs().amax())
-        tracked = cg.spd_buffers(self.master, whitened=self.whitened and changed is not None)
+        tracked = cg.spd_buffers(self.master, self.whitened and changed is not None, chol)
         self.inv.copy_(tracked["inv"])
         self.logabsdet_base.copy_(tracked["logabsdet_base"])
         if "factor" in tracked:  # a projected matrix is no longer F F^T: restart F there
