@@ -165,12 +165,13 @@ class Perturbation(Bound, abc.ABC):
         self._updates_since_merge = 0
         self._last_grads = grads or {}
         shape = self._stack_shape()
-        finite = self._finite_update(shape)
-        all_finite = bool(finite.all())
-        proposal = self.propose() if all_finite or bool(finite.any()) else Proposal()
+        nonfinite = self._nonfinite_update(shape)
+        all_finite = nonfinite is None
+        proposal = self.propose() if all_finite or not bool(nonfinite.all()) else Proposal()
         if all_finite and _folds_whole(proposal):
             policy = self.reset_optimizer_state if reset_state is None else reset_state
             return self._fold_whole(proposal, shape, policy)
+        finite = torch.ones(shape, dtype=torch.bool) if all_finite else ~nonfinite
         codes = torch.zeros(shape, dtype=torch.long)
         if proposal.codes is not None:
             codes = proposal.codes.to(torch.long).cpu().expand(shape).clone()
@@ -236,18 +237,20 @@ class Perturbation(Bound, abc.ABC):
             accepted=True, folded=ok.numel(), corrected=corrected, stale=stale, figures=figures
         )
 
-    def _finite_update(self, shape: torch.Size) -> Tensor:
-        """Per stack element: whether every trainable tensor is finite there."""
-        finite = torch.ones(shape, dtype=torch.bool)
+    def _nonfinite_update(self, shape: torch.Size) -> Tensor | None:
+        """Per stack element: whether some trainable tensor is not finite there; ``None`` if
+        every tensor is finite everywhere (the usual case, one sum per tensor)."""
+        bad = None
         for p in self.trainable():
             if bool(torch.isfinite(p.detach().sum())):  # one pass, no mask, in the usual case
                 continue
             flags = torch.isfinite(p.detach())
             if len(shape) and p.shape[: len(shape)] == shape:
-                finite &= _per_element(flags, len(shape)).cpu()
+                element = ~_per_element(flags, len(shape)).cpu()
             else:
-                finite &= bool(flags.all())
-        return finite
+                element = torch.full(shape, not bool(flags.all()))
+            bad = element if bad is None else bad | element
+        return None if bad is None or not bool(bad.any()) else bad
 
     def _stack_shape(self) -> torch.Size:
         if self.element_ndim is None:

@@ -254,8 +254,8 @@ class Invertible(TrackedInverse, Perturbation):
         check = lowrank.low_rank_check(
             matrix, self.inv, self.logabsdet_base, u, v, *args, self.base.dtype, bounds
         )
-        if not bool(check.codes.ne(0).any()):  # the usual case: the whole update folds
-            return Proposal(codes=check.codes, figures=self._figures(check), data=(u, v, check))
+        if check.all_pass or not bool(check.codes.ne(0).any()):  # the whole update folds
+            return Proposal(figures=self._figures(check), data=(u, v, check))
         scale = torch.ones(check.codes.shape, dtype=torch.float64, device=u.device)
         scalable = torch.isin(check.codes, torch.tensor(lowrank.SCALABLE, device=u.device))
         cut = torch.where(scalable, check.codes, 0)

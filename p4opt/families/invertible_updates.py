@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from p4opt import linalg
+from p4opt._autograd import Function
 from p4opt._typing import Tensor
 
 if TYPE_CHECKING:
@@ -203,6 +204,8 @@ class Projected(UpdateRule):
     def logabsdet(self) -> Tensor:
         pert = self.pert
         if self._at_zero():  # exact value, and the exact gradient A^{-T}
+            if not torch.is_grad_enabled():
+                return pert.logabsdet_base.clone()
             inv_t = pert._inverse_transposed(pert.delta.dtype)
             return _LogAbsDetAtZero.apply(pert.logabsdet_base, pert.delta, inv_t)
         return torch.linalg.slogdet(pert._matrix() + pert.delta.to(pert.dtype))[1]
@@ -211,6 +214,8 @@ class Projected(UpdateRule):
         pert = self.pert
         delta = pert.delta.to(pert.dtype)
         if self._at_zero():
+            if not torch.is_grad_enabled():
+                return pert.inv.clone()
             return _InverseAtZero.apply(pert.inv, delta)
         return torch.linalg.inv(pert._matrix() + delta)
 
@@ -218,6 +223,8 @@ class Projected(UpdateRule):
         pert = self.pert
         if self._at_zero():
             inv_t = pert._inverse_transposed(y.dtype)
+            if not torch.is_grad_enabled():  # an inference pass: one product, no graph
+                return y @ inv_t
             return _SolveAtZero.apply(y, pert.delta.to(y.dtype), inv_t)
         w = (pert._matrix() + pert.delta.to(pert.dtype)).to(y.dtype)
         return torch.linalg.solve(w, y.unsqueeze(-1)).squeeze(-1)
@@ -231,7 +238,7 @@ def _identity_key(t: Tensor) -> tuple[int, int] | None:
         return None
 
 
-class _LogAbsDetAtZero(torch.autograd.Function):
+class _LogAbsDetAtZero(Function):
     r""":math:`\log|\det(A + \Delta)|` at :math:`\Delta = 0`: value :math:`\log|\det A|`,
     gradient :math:`A^{-T}` (no :math:`n^2` work in the forward pass)."""
 
@@ -249,7 +256,7 @@ class _LogAbsDetAtZero(torch.autograd.Function):
         return None, grad.to(inv_t.dtype)[..., None, None] * inv_t, None
 
 
-class _InverseAtZero(torch.autograd.Function):
+class _InverseAtZero(Function):
     r""":math:`(A + \Delta)^{-1}` at :math:`\Delta = 0`: value :math:`A^{-1}`, exact gradient."""
 
     @staticmethod
@@ -266,7 +273,7 @@ class _InverseAtZero(torch.autograd.Function):
         return None, -(inv.mT @ grad @ inv.mT)
 
 
-class _SolveAtZero(torch.autograd.Function):
+class _SolveAtZero(Function):
     r"""Rows ``y`` times :math:`(A + \Delta)^{-T}` at :math:`\Delta = 0`, with exact gradients."""
 
     @staticmethod

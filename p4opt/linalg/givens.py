@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from p4opt._autograd import Function
 from p4opt._typing import Tensor
 
 __all__ = ["givens_apply", "givens_layers_apply", "invert_permutation", "round_robin"]
@@ -182,7 +183,7 @@ def _rotate_pairs(y: Tensor, block: Tensor) -> Tensor:
     return rotated if y.shape[0] == 2 * m else torch.cat([rotated, y[2 * m :]], dim=0)
 
 
-class _GivensLayers(torch.autograd.Function):
+class _GivensLayers(Function):
     r"""Forward and hand-written backward of :func:`givens_layers_apply` on columns (n, B).
 
     Layer :math:`l` gathers the rows by ``moves[l]`` and rotates the row pairs by

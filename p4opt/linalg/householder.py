@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from p4opt._autograd import Function
 from p4opt._typing import Tensor
 from p4opt.errors import ShapeError
 from p4opt.linalg._common import _eye_like
@@ -159,7 +160,7 @@ def householder_apply(x: Tensor, w: Tensor, precision: torch.dtype | None = None
 _LOW = (torch.float16, torch.bfloat16)
 
 
-class _HouseholderApply(torch.autograd.Function):
+class _HouseholderApply(Function):
     r"""Forward and hand-written backward of :func:`householder_apply` for ``x`` (B, n).
 
     Also takes a stack: ``x`` (S, B, n) with ``w`` (S, n, k), one product per element.
