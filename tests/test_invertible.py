@@ -378,3 +378,22 @@ def test_projected_queries_work_under_torch_func_grad():
     via_func = grad(lambda p: functional_call(queries, p, (y,)))(params)["pert.delta"]
     queries(y).backward()
     assert (via_func - pert.delta.grad).abs().max() < 1e-12
+
+
+def test_factored_inference_solve_follows_every_change_of_the_update():
+    # under no_grad the factored rule caches (A + UV^T)^{-T}; it must never serve a stale one
+    lin, pert = _layer(rank=3)
+    y = torch.randn(4, 8, dtype=F64)
+    for change in ("none", "u", "v", "merge"):
+        if change == "u":
+            _perturb(pert, seed=2)
+        elif change == "v":
+            with torch.no_grad():
+                pert.V.mul_(-0.5)
+        elif change == "merge":
+            assert pert.merge().accepted
+        with torch.no_grad():
+            cached = pert.solve(y)
+        exact = torch.linalg.solve(lin.weight.detach(), y.mT).mT
+        assert (cached - exact).abs().max() < 1e-12, change
+        assert (cached - pert.solve(y).detach()).abs().max() < 1e-12, change

@@ -130,8 +130,27 @@ class Factored(UpdateRule):
         return linalg.woodbury_inverse(self.pert.inv, u, v)
 
     def solve(self, y: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():  # an inference pass: one product with a cached inverse
+            current = self._current_inverse_transposed(y.dtype)
+            if current is not None:
+                return y @ current
         inv_t = self.pert._inverse_transposed(y.dtype)
         return linalg.woodbury_solve(inv_t, self.pert.U.to(y.dtype), self.pert.V.to(y.dtype), y)
+
+    def _current_inverse_transposed(self, dtype: torch.dtype) -> Tensor | None:
+        """:math:`(A + UV^T)^{-T}` in ``dtype`` (:math:`O(n^2k)` once), kept until ``U``,
+        ``V`` or the bookkeeping change; ``None`` for tensors without storage."""
+        pert = self.pert
+        keys = [_identity_key(t) for t in (pert.U, pert.V, pert.inv)]
+        if any(key is None for key in keys):
+            return None
+        key = (dtype, *keys)
+        hit = getattr(self, "_solve_cache", None)
+        if hit is None or hit[0] != key:
+            u, v = self.factors()
+            current = linalg.woodbury_inverse(pert.inv, u, v).mT.to(dtype).contiguous()
+            hit = self._solve_cache = (key, current)
+        return hit[1]
 
 
 class Projected(UpdateRule):
