@@ -181,7 +181,7 @@ class _HouseholderApply(Function):
             # the Gram matrix, xW and the ill-conditioned triangular solve carry the error;
             # the last product, of well-scaled factors, adds only rounding in x's dtype
             wp = w.to(precision)
-            s = (wp.mT @ wp) * mask.to(precision)
+            s = (wp.mT @ wp) * _wy_mask(w.shape[-1], precision, w.device)
             z = torch.linalg.solve_triangular(s, x.to(precision) @ wp, upper=True, left=False)
             s, z = s.to(x.dtype), z.to(x.dtype)
         else:
