@@ -117,6 +117,34 @@ def test_low_rank_merge_rejects_overflow_in_storage_dtype():
     assert float(lad) == 0.0
 
 
+
+def test_full_update_without_v_matches_the_rank_n_update_with_the_identity():
+    # v=None (V = I): the new inverse comes from one solve; codes, inverse and log-det must be
+    # those of the general rank-n Woodbury update, element by element, rejections included
+    a = random_invertible(5, batch=(3,))
+    g = torch.Generator().manual_seed(3)
+    delta = 0.2 * torch.randn(3, 5, 5, generator=g, dtype=torch.float64)
+    delta[1] = float("inf")  # element 1: non-finite
+    delta[2] = -a[2] + 1e-3 * torch.eye(5, dtype=torch.float64)  # element 2: log|det C| far out
+    eye = torch.eye(5, dtype=torch.float64).expand(3, 5, 5)
+    results = []
+    for v in (None, eye):
+        m, inv = a.clone(), torch.linalg.inv(a)
+        sign, lad = torch.linalg.slogdet(a)
+        code, _ = linalg.low_rank_merge_(m, inv, sign, lad, delta, v, update_bounds=(-4.0, 4.0))
+        results.append((code, m, inv, sign, lad))
+    (code, m, inv, sign, lad), general = results
+    assert code.tolist() == [0, 1, 3] and torch.equal(code, general[0])
+    assert torch.equal(m[1:], a[1:]) and torch.equal(inv[1:], torch.linalg.inv(a)[1:])
+    merged = a[0] + delta[0]
+    assert (inv[0] - torch.linalg.inv(merged)).abs().max() < 1e-12
+    assert abs(lad[0] - torch.linalg.slogdet(merged)[1]) < 1e-12
+    for mine, theirs in zip((m, inv, sign, lad), general[1:], strict=True):
+        assert (mine - theirs).abs().max() < 1e-12
+    scale = linalg.feasible_scale(torch.linalg.inv(a[2]), lad[2], delta[2], None, (-4.0, 4.0),
+                                  (-math.inf, math.inf), math.inf)
+    assert 0 < float(scale) < 1  # the cut-back grid understands v=None too
+
 # ------------------------------------------------------------------ one refinement driver
 @pytest.mark.parametrize("order", [2, 3])
 def test_refine_inverse_reaches_the_tolerance_from_a_perturbed_inverse(order):
@@ -226,6 +254,25 @@ def test_condition_check_agrees_with_the_svd_on_both_sides_of_the_cheap_bound():
             exceeds = _condition_exceeds(cap, limit)  # None: settled by a bound, none exceeds
             exceeds = torch.zeros(5, dtype=torch.bool) if exceeds is None else exceeds
             assert torch.equal(exceeds, _condition(cap) > limit)
+
+
+@pytest.mark.parametrize("k", [32, 96])
+def test_condition_estimate_is_a_close_lower_bound_and_settles_large_checks(k):
+    from p4opt.linalg.merge import _condition, _condition_exceeds
+
+    g = torch.Generator().manual_seed(k)
+    q1, q2 = (linalg.random_orthogonal(k, generator=g, dtype=torch.float64) for _ in range(2))
+    for exponent in (0.5, 2.0, 5.0):  # condition numbers 10^exponent, spread log-uniformly
+        s = torch.logspace(0, -exponent, k, dtype=torch.float64)
+        c = q1 @ torch.diag(s) @ q2
+        estimate, exact = float(linalg.condition_estimate(c)), float(_condition(c))
+        assert estimate <= exact * (1 + 1e-9) and estimate >= 0.7 * exact, (estimate, exact)
+    stack = torch.eye(k, dtype=torch.float64) + 0.5 * torch.randn(6, k, k, generator=g,
+                                                                   dtype=torch.float64)
+    for limit in (10.0, 1e3, 1e6):
+        exceeds = _condition_exceeds(stack, limit)
+        exceeds = torch.zeros(6, dtype=torch.bool) if exceeds is None else exceeds
+        assert torch.equal(exceeds, _condition(stack) > limit)
 
 
 @pytest.mark.parametrize("n", [1, 8, 64])

@@ -41,8 +41,9 @@ class UpdateRule(abc.ABC):
         """The perturbed matrix, shape (*, n, n), in the base's dtype (differentiable)."""
 
     @abc.abstractmethod
-    def factors(self) -> tuple[Tensor, Tensor]:
-        """The pending update as (U, V), shape (*, n, k), in the bookkeeping dtype."""
+    def factors(self) -> tuple[Tensor, Tensor | None]:
+        """The pending update as (U, V), shape (*, n, k), in the bookkeeping dtype; ``V`` is
+        ``None`` for the identity (``U`` is then the whole change, (*, n, n))."""
 
     @abc.abstractmethod
     def restart(self, mask: Tensor, folded: bool) -> None:
@@ -182,13 +183,12 @@ class Projected(UpdateRule):
         return base + self.pert.delta
 
     @torch.no_grad()
-    def factors(self) -> tuple[Tensor, Tensor]:
+    def factors(self) -> tuple[Tensor, Tensor | None]:
         pert = self.pert
         delta = pert.delta.detach()
         n = delta.shape[-1]
-        if pert.rank >= n:  # the whole change, exactly
-            eye = torch.eye(n, dtype=pert.dtype, device=delta.device).expand(delta.shape)
-            return delta.to(pert.dtype), eye
+        if pert.rank >= n:  # the whole change, exactly (V = I)
+            return delta.to(pert.dtype), None
         # a fresh Gaussian start at every merge (in the layer's dtype): measured faster to
         # converge than warm starts, which keep folding the same leading directions
         shape = (*delta.shape[:-1], pert.rank)

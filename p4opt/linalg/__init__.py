@@ -33,7 +33,12 @@ from p4opt.linalg.merge import (
     low_rank_fold_,
     low_rank_merge_,
 )
-from p4opt.linalg.metrics import orthogonality_error, spd_condition, sum_complement
+from p4opt.linalg.metrics import (
+    condition_estimate,
+    orthogonality_error,
+    spd_condition,
+    sum_complement,
+)
 from p4opt.linalg.random import random_orthogonal
 from p4opt.linalg.refine import (
     hyperpower_step,
@@ -73,6 +78,7 @@ __all__ = [
     "givens_layers_apply",
     "round_robin",
     "invert_permutation",
+    "condition_estimate",
     "orthogonality_error",
     "spd_condition",
     "sum_complement",

@@ -9,6 +9,7 @@ import torch
 
 from p4opt._typing import Tensor
 from p4opt.linalg._common import _eye_like
+from p4opt.linalg.metrics import condition_estimate
 
 __all__ = [
     "LowRankCheck",
@@ -50,15 +51,22 @@ def _condition(m: Tensor) -> Tensor:
     return s[..., 0] / s[..., -1]
 
 
-def _condition_exceeds(cap: Tensor, limit: float, spread: Tensor | None = None) -> Tensor | None:
-    r"""Whether :math:`\kappa_2(C) > ` ``limit``, skipping the SVD when a cheap bound settles it.
+def _condition_exceeds(
+    cap: Tensor, limit: float, spread: Tensor | None = None, lu: tuple[Tensor, Tensor] | None = None
+) -> Tensor | None:
+    r"""Whether :math:`\kappa_2(C) > ` ``limit``, skipping the SVD when a cheap test settles it.
 
     With :math:`E = C - I` and :math:`\lVert E\rVert_2 \le \lVert E\rVert_F = e < 1`,
     :math:`\kappa_2(C) \le (1 + e)/(1 - e)`; merges of small steps are all settled this way
     (``spread``, when given, is :math:`e`, computed by the caller before it added :math:`I`).
     Larger steps are settled by :math:`\kappa_2(C) \le \lVert C\rVert_F\lVert C^{-1}\rVert_F`
-    (an inverse costs a fraction of an SVD); only the rest pay for singular values.
-    Returns ``None`` (no element can exceed) for an infinite ``limit``.
+    (an inverse costs a fraction of an SVD). That bound can exceed :math:`\kappa_2` by a
+    factor up to ``k``, so for ``k >= 32`` (the whole change of a large matrix) a power-iteration
+    estimate, a lower bound of :math:`\kappa_2` within a few percent of it after its
+    iterations when the extreme singular values are separated, settles elements whose estimate
+    is below ``limit / 4`` (:func:`condition_estimate`; ``lu`` is :math:`C`'s LU factorization
+    if the caller has it). Only the rest pay for singular values, :math:`O(k^3)` with a large
+    constant. Returns ``None`` (no element can exceed) for an infinite ``limit``.
     """
     if not math.isfinite(limit):
         return None
@@ -66,11 +74,29 @@ def _condition_exceeds(cap: Tensor, limit: float, spread: Tensor | None = None) 
     if bool((e < (limit - 1) / (limit + 1)).all()):
         return None
     clean = torch.where(torch.isfinite(cap), cap, 0)
-    inverse, info = torch.linalg.inv_ex(clean)
-    bound = torch.linalg.matrix_norm(clean) * torch.linalg.matrix_norm(inverse)
-    if bool(((info == 0) & (bound <= limit)).all()):
-        return None
+    if cap.shape[-1] >= 32:
+        estimate = condition_estimate(clean, lu)  # a lower bound: above the limit is decided
+        exceeds = ~(estimate <= limit)  # NaN (singular) exceeds
+        unsure = ~exceeds & (estimate * 4 > limit)
+        if bool(unsure.any()):
+            exceeds = exceeds.masked_scatter(unsure, _condition(cap[unsure]) > limit)
+        return exceeds if bool(exceeds.any()) else None
+    else:
+        inverse, info = torch.linalg.inv_ex(clean)
+        bound = torch.linalg.matrix_norm(clean) * torch.linalg.matrix_norm(inverse)
+        if bool(((info == 0) & (bound <= limit)).all()):
+            return None
     return _condition(cap) > limit
+
+
+def _slogdet_lu(factors: Tensor, pivots: Tensor) -> tuple[Tensor, Tensor]:
+    """Sign and log|det| from an LU factorization (as :func:`torch.linalg.slogdet`)."""
+    diagonal = factors.diagonal(dim1=-2, dim2=-1)
+    k = diagonal.shape[-1]
+    order = torch.arange(1, k + 1, dtype=pivots.dtype, device=pivots.device)
+    swaps = (pivots != order).sum(-1)
+    sign = diagonal.sign().prod(-1) * (1 - 2 * (swaps % 2)).to(diagonal.dtype)
+    return sign, diagonal.abs().log().sum(-1)
 
 
 @dataclass
@@ -78,11 +104,12 @@ class LowRankCheck:
     """Everything :func:`low_rank_fold_` needs, computed once by :func:`low_rank_check`.
 
     ``codes`` holds, per stack element, the position in :class:`p4opt.Reason` of the first
-    failed check (0 = accepted).
+    failed check (0 = accepted). For a full update (``v=None``) ``inv_u`` is ``None`` and
+    ``correction`` is the new inverse.
     """
 
     codes: Tensor
-    inv_u: Tensor
+    inv_u: Tensor | None
     correction: Tensor
     cap_sign: Tensor
     cap_logabsdet: Tensor
@@ -97,7 +124,7 @@ def low_rank_check(
     inv: Tensor,
     logabsdet: Tensor,
     u: Tensor,
-    v: Tensor,
+    v: Tensor | None,
     update_bounds: Bounds = (-math.inf, math.inf),
     logdet_bounds: Bounds = (-math.inf, math.inf),
     max_condition: float = math.inf,
@@ -112,12 +139,16 @@ def low_rank_check(
     bounds show that neither :math:`A + UV^T` (in ``out_dtype``) nor its inverse can overflow.
     All checks use :math:`O(nk)` quantities after two :math:`O(n^2k)` products.
 
+    ``v=None`` stands for :math:`V = I` (``u`` is then the whole change :math:`\Delta`, shape
+    (*, n, n)): :math:`C = I + A^{-1}\Delta` and the new inverse is :math:`C^{-1}A^{-1}`,
+    one product and one solve, :math:`O(n^3)`, instead of the rank-n Woodbury products.
+
     Parameters
     ----------
     matrix, inv : Tensor, shape (*, n, n)
         :math:`A` and :math:`A^{-1}`.
     logabsdet : Tensor, shape (*)
-    u, v : Tensor, shape (*, n, k)
+    u, v : Tensor, shape (*, n, k), or ``u`` (*, n, n) and ``v=None``
     entry_bounds : (Tensor, Tensor), optional
         Upper bounds, shape (*), of :math:`\max|A_{ij}|` and :math:`\max|A^{-1}_{ij}|` (e.g.
         ``entry_bounds`` of the previous merge's check); saves two :math:`O(n^2)` passes.
@@ -131,24 +162,32 @@ def low_rank_check(
     # finite entries can also give by overflowing, pays for the entrywise check. Below, every
     # check is one boolean per element, stacked so that the usual case (all pass) costs one
     # test: on CPU each tensor call costs microseconds, as much as the products at small n.
-    finite_uv = torch.isfinite(u.sum((-2, -1)) + v.sum((-2, -1)))
+    full = v is None
+    total = u.sum((-2, -1)) if full else u.sum((-2, -1)) + v.sum((-2, -1))
+    finite_uv = torch.isfinite(total)
     all_finite = bool(finite_uv.all())
     if not all_finite:
-        finite_uv = torch.isfinite(u).all(-1).all(-1) & torch.isfinite(v).all(-1).all(-1)
+        finite_uv = torch.isfinite(u).all(-1).all(-1)
+        if not full:
+            finite_uv &= torch.isfinite(v).all(-1).all(-1)
         all_finite = bool(finite_uv.all())
     if not all_finite:
         u = torch.where(finite_uv[..., None, None], u, 0)
-        v = torch.where(finite_uv[..., None, None], v, 0)
-    inv_u = (u.mT @ inv.mT).mT  # CPU BLAS is several times faster in this layout for k > 1
-    cap = v.mT @ inv_u  # C - I for now
+        v = None if full else torch.where(finite_uv[..., None, None], v, 0)
+    if full:  # C - I = A^{-1} Delta; the Woodbury factor A^{-1}U is not needed
+        inv_u, cap = None, inv @ u
+    else:
+        inv_u = (u.mT @ inv.mT).mT  # CPU BLAS is several times faster in this layout for k > 1
+        cap = v.mT @ inv_u  # C - I for now
     spread = torch.linalg.matrix_norm(cap) if math.isfinite(max_condition) else None
     cap.diagonal(dim1=-2, dim2=-1).add_(1)
-    cap_sign, cap_logabsdet = torch.linalg.slogdet(cap)
+    factors, pivots, _ = torch.linalg.lu_factor_ex(cap)  # one factorization: log|det|, solve
+    cap_sign, cap_logabsdet = _slogdet_lu(factors, pivots)
     checks = [
         None if all_finite else ~finite_uv,
         ~torch.isfinite(cap_logabsdet),  # -inf for a singular C, NaN for a non-finite one
         _outside(cap_logabsdet, update_bounds),
-        _condition_exceeds(cap, max_condition, spread),
+        _condition_exceeds(cap, max_condition, spread, (factors, pivots)),
         _outside(logabsdet, logdet_bounds, shift=cap_logabsdet),
     ]
     code = _first_failed(checks, cap_sign.shape, inv.device)
@@ -156,12 +195,22 @@ def low_rank_check(
     if not all_ok:
         ok = (code == 0)[..., None, None]
         cap = torch.where(ok, cap, _eye_like(cap))
-        inv_u, u = torch.where(ok, inv_u, 0), torch.where(ok, u, 0)
-    correction = torch.linalg.solve(cap, v.mT @ inv)
+        u = torch.where(ok, u, 0)
+        inv_u = None if full else torch.where(ok, inv_u, 0)
+    # full: the new inverse C^{-1} A^{-1} itself; else the Woodbury factor C^{-1} V^T A^{-1}
+    rhs = inv if full else v.mT @ inv
+    if all_ok:
+        correction = torch.linalg.lu_solve(factors, pivots, rhs)
+    else:  # rejected elements were replaced by I: factorize again
+        correction = torch.linalg.solve(cap, rhs)
     # entrywise bounds: |(X + A B)_ij| <= max|X| + |A_i:| |B_:j| <= max|X| + |A|_F |B|_F
     mat_old, inv_old = entry_bounds or (_max_abs(matrix), _max_abs(inv))
-    inv_bound = inv_old + _frobenius(inv_u) * _frobenius(correction)
-    mat_bound = mat_old + _frobenius(u) * _frobenius(v)
+    if full:
+        inv_bound = _max_abs(correction)
+        mat_bound = mat_old + _max_abs(u)
+    else:
+        inv_bound = inv_old + _frobenius(inv_u) * _frobenius(correction)
+        mat_bound = mat_old + _frobenius(u) * _frobenius(v)
     limit = torch.finfo(out_dtype or matrix.dtype).max
     fits = (inv_bound < torch.finfo(inv.dtype).max) & (mat_bound < limit)  # False for NaN
     if all_ok and bool(fits.all()):
@@ -223,7 +272,7 @@ def low_rank_fold_(
     sign: Tensor,
     logabsdet: Tensor,
     u: Tensor,
-    v: Tensor,
+    v: Tensor | None,
     check: LowRankCheck,
 ) -> None:
     r"""Apply the checked update to the elements with code 0, in place (Woodbury and the lemma).
@@ -231,19 +280,30 @@ def low_rank_fold_(
     .. math:: A \leftarrow A + UV^T, \quad A^{-1} \leftarrow A^{-1} - A^{-1}U C^{-1} V^TA^{-1},
               \quad \log|\det A| \mathrel{+}= \log|\det C|
 
+    (``v=None``, :math:`V = I`: :math:`A^{-1} \leftarrow C^{-1}A^{-1}`, computed by the check.)
+
     Rejected elements receive a zero update. Cost :math:`O(n^2 k)`, no :math:`n \times n`
     temporary for 2-D and 3-D inputs.
     """
+    full = v is None
     if check.all_pass or bool((check.codes == 0).all()):
-        _addmm_(inv, check.inv_u, check.correction, alpha=-1.0)
-        _addmm_(matrix, u.to(matrix.dtype), v.mT.to(matrix.dtype))
+        if full:
+            inv.copy_(check.correction)
+            matrix.add_(u.to(matrix.dtype))
+        else:
+            _addmm_(inv, check.inv_u, check.correction, alpha=-1.0)
+            _addmm_(matrix, u.to(matrix.dtype), v.mT.to(matrix.dtype))
         sign.mul_(check.cap_sign)
         logabsdet.add_(check.cap_logabsdet)
         return
     ok_b = check.codes == 0
     ok = ok_b[..., None, None]
-    _addmm_(inv, torch.where(ok, check.inv_u, 0), check.correction, alpha=-1.0)
-    _addmm_(matrix, torch.where(ok, u, 0).to(matrix.dtype), v.mT.to(matrix.dtype))
+    if full:
+        inv.copy_(torch.where(ok, check.correction, inv))
+        matrix.add_(torch.where(ok, u, 0).to(matrix.dtype))
+    else:
+        _addmm_(inv, torch.where(ok, check.inv_u, 0), check.correction, alpha=-1.0)
+        _addmm_(matrix, torch.where(ok, u, 0).to(matrix.dtype), v.mT.to(matrix.dtype))
     sign.copy_(torch.where(ok_b, sign * check.cap_sign, sign))
     logabsdet.copy_(torch.where(ok_b, logabsdet + check.cap_logabsdet, logabsdet))
 
@@ -252,7 +312,7 @@ def feasible_scale(
     inv: Tensor,
     logabsdet: Tensor,
     u: Tensor,
-    v: Tensor,
+    v: Tensor | None,
     update_bounds: Bounds,
     logdet_bounds: Bounds,
     max_condition: float,
@@ -270,17 +330,20 @@ def feasible_scale(
     Tensor, shape (*), float64
         The scale per stack element, 0 where no grid point passes.
     """
-    m = v.mT @ ((u.mT @ inv.mT).mT)
+    m = inv @ u if v is None else v.mT @ ((u.mT @ inv.mT).mT)
     t = 2.0 ** (-torch.arange(steps, dtype=torch.float64, device=m.device) / 2)
     shaped = t.reshape(-1, *([1] * m.ndim))
     cap = _eye_like(m) + shaped * m  # (steps, *, k, k)
-    sign, lad = torch.linalg.slogdet(cap)
+    factors, pivots, _ = torch.linalg.lu_factor_ex(cap)
+    sign, lad = _slogdet_lu(factors, pivots)
     new = logabsdet + lad
     ok = (sign != 0) & torch.isfinite(lad)
     ok &= (lad >= update_bounds[0]) & (lad <= update_bounds[1])
     ok &= (new >= logdet_bounds[0]) & (new <= logdet_bounds[1])
     if math.isfinite(max_condition):
-        ok &= _condition(cap) <= max_condition
+        exceeds = _condition_exceeds(cap, max_condition, lu=(factors, pivots))
+        if exceeds is not None:
+            ok &= ~exceeds
     first = torch.where(ok.any(0), ok.to(torch.uint8).argmax(0), steps)
     return torch.where(first < steps, t[first.clamp_max(steps - 1)], 0.0)
 
