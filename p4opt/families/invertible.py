@@ -23,13 +23,14 @@ Bounds = tuple[float, float]
 
 
 def default_rank(n: int) -> int:
-    """Default rank of :class:`Invertible`'s merged updates for matrices of size ``n``.
+    r"""Default rank of :class:`Invertible`'s merged updates for matrices of size ``n``.
 
     The whole change (``n``) up to ``n = 512``; above, a quarter of ``n``. Folding the whole
     step makes the projected rule take exactly the optimizer's steps, at an :math:`O(n^3)`
-    merge (one product and one LU solve) that up to ``n = 512`` costs less time to a target
-    than the :math:`O(n^2 k)` merges of rank ``n/4``, which take 1.1–1.4× the steps; above, the
-    full merge costs more than the steps it saves (the Invertible page of the documentation).
+    merge (a float64 LU of :math:`A + \Delta` and the inverse from it) that up to ``n = 512``
+    costs less time to a target than the :math:`O(n^2 k)` merges of rank ``n/4``, which take
+    1.1–1.4× the steps; above, the full merge costs more than the steps it saves (the
+    Invertible page of the documentation).
 
     Examples
     --------
@@ -74,7 +75,8 @@ class Invertible(TrackedInverse, Perturbation):
         (projected, merged every step) or :math:`(-2k, 2k)` (factored).
     max_update_condition : float
         Largest 2-norm condition number of :math:`C` (the factor by which the Woodbury
-        update can amplify rounding).
+        update can amplify rounding). A merge of the whole change (``rank >= n``, projected)
+        factorizes :math:`A + \Delta` itself and has no :math:`C` to check.
     logdet_bounds : (float, float), optional
         Bounds on :math:`\log|\det A|` after the merge.
     refine_order : int
@@ -256,7 +258,8 @@ class Invertible(TrackedInverse, Perturbation):
         matrix = self._matrix()
         bounds = self._bounds.get(matrix, self.inv)
         check = lowrank.low_rank_check(
-            matrix, self.inv, self.logabsdet_base, u, v, *args, self.base.dtype, bounds
+            matrix, self.inv, self.logabsdet_base, u, v, *args, self.base.dtype, bounds,
+            self.sign_base,
         )
         if check.all_pass or not bool(check.codes.ne(0).any()):  # the whole update folds
             return Proposal(figures=self._figures(check), data=(u, v, check))
@@ -270,7 +273,8 @@ class Invertible(TrackedInverse, Perturbation):
                 scale = torch.where(use, t, scale)
                 u = u * scale[..., None, None].to(u.dtype)
                 check = lowrank.low_rank_check(
-                    matrix, self.inv, self.logabsdet_base, u, v, *args, self.base.dtype, bounds
+                    matrix, self.inv, self.logabsdet_base, u, v, *args, self.base.dtype, bounds,
+                    self.sign_base,
                 )
         return Proposal(
             codes=check.codes, scale=scale, cut=cut, figures=self._figures(check),

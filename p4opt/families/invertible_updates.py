@@ -160,7 +160,8 @@ class Projected(UpdateRule):
     The wrapped optimizer updates a zero-initialized ``delta`` (shape of the matrix) with its
     usual state; every merge (by default after every step) folds the best rank-k
     approximation :math:`UV^T` of :math:`\Delta` found by a randomized range finder with one
-    power iteration (:math:`O(n^2k)`) into :math:`A` and :math:`A^{-1}` by Woodbury, and sets
+    power iteration (:math:`O(n^2k)`) into :math:`A` and :math:`A^{-1}` by Woodbury (for
+    ``rank >= n`` the whole :math:`\Delta`, by a factorization of :math:`A + \Delta`), and sets
     :math:`\Delta = 0`: the rest of the change is discarded, so each step is the optimizer's
     step projected on its ``k`` leading directions. The optimizer's moments keep their meaning
     because ``delta`` keeps its coordinates. Between merges the forward pass sees exactly the

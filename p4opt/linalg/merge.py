@@ -3,11 +3,13 @@ r"""Validated low-rank merges (check, then fold in place) and partial merges."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from p4opt._typing import Tensor
+from p4opt.errors import P4ValueError
 from p4opt.linalg._common import _eye_like
 from p4opt.linalg.metrics import condition_estimate
 
@@ -130,6 +132,7 @@ def low_rank_check(
     max_condition: float = math.inf,
     out_dtype: torch.dtype | None = None,
     entry_bounds: tuple[Tensor, Tensor] | None = None,
+    sign: Tensor | None = None,
 ) -> LowRankCheck:
     r"""Check the update :math:`A \leftarrow A + UV^T` of every stack element; change nothing.
 
@@ -140,8 +143,12 @@ def low_rank_check(
     All checks use :math:`O(nk)` quantities after two :math:`O(n^2k)` products.
 
     ``v=None`` stands for :math:`V = I` (``u`` is then the whole change :math:`\Delta`, shape
-    (*, n, n)): :math:`C = I + A^{-1}\Delta` and the new inverse is :math:`C^{-1}A^{-1}`,
-    one product and one solve, :math:`O(n^3)`, instead of the rank-n Woodbury products.
+    (*, n, n)): the check factorizes :math:`A + \Delta` itself (LU, :math:`O(n^3)`) and computes
+    the new inverse from it, cheaper than the rank-n Woodbury products and exact whatever
+    the error already in :math:`A^{-1}`; :math:`\log|\det C|` is the change of
+    :math:`\log|\det A|` and there is no capacitance matrix whose condition could amplify
+    rounding, so ``max_condition`` does not apply. It needs ``sign``, the sign of
+    :math:`\det A`.
 
     Parameters
     ----------
@@ -152,33 +159,34 @@ def low_rank_check(
     entry_bounds : (Tensor, Tensor), optional
         Upper bounds, shape (*), of :math:`\max|A_{ij}|` and :math:`\max|A^{-1}_{ij}|` (e.g.
         ``entry_bounds`` of the previous merge's check); saves two :math:`O(n^2)` passes.
+    sign : Tensor, shape (*), optional
+        Sign of :math:`\det A`; required with ``v=None``.
 
     Returns
     -------
     LowRankCheck
         With ``entry_bounds`` valid for the matrices after :func:`low_rank_fold_`.
     """
+    if v is None:
+        if sign is None:
+            raise P4ValueError("low_rank_check: v=None (the whole change) needs sign, the sign "
+                               "of det A")
+        return _whole_change_check(matrix, inv, logabsdet, sign, u, update_bounds,
+                                   logdet_bounds, out_dtype, entry_bounds)
     # a finite sum proves every entry finite (one pass, no mask); only a non-finite sum, which
     # finite entries can also give by overflowing, pays for the entrywise check. Below, every
     # check is one boolean per element, stacked so that the usual case (all pass) costs one
     # test: on CPU each tensor call costs microseconds, as much as the products at small n.
-    full = v is None
-    total = u.sum((-2, -1)) if full else u.sum((-2, -1)) + v.sum((-2, -1))
-    finite_uv = torch.isfinite(total)
+    finite_uv = torch.isfinite(u.sum((-2, -1)) + v.sum((-2, -1)))
     all_finite = bool(finite_uv.all())
     if not all_finite:
-        finite_uv = torch.isfinite(u).all(-1).all(-1)
-        if not full:
-            finite_uv &= torch.isfinite(v).all(-1).all(-1)
+        finite_uv = torch.isfinite(u).all(-1).all(-1) & torch.isfinite(v).all(-1).all(-1)
         all_finite = bool(finite_uv.all())
     if not all_finite:
         u = torch.where(finite_uv[..., None, None], u, 0)
-        v = None if full else torch.where(finite_uv[..., None, None], v, 0)
-    if full:  # C - I = A^{-1} Delta; the Woodbury factor A^{-1}U is not needed
-        inv_u, cap = None, inv @ u
-    else:
-        inv_u = (u.mT @ inv.mT).mT  # CPU BLAS is several times faster in this layout for k > 1
-        cap = v.mT @ inv_u  # C - I for now
+        v = torch.where(finite_uv[..., None, None], v, 0)
+    inv_u = (u.mT @ inv.mT).mT  # CPU BLAS is several times faster in this layout for k > 1
+    cap = v.mT @ inv_u  # C - I for now
     spread = torch.linalg.matrix_norm(cap) if math.isfinite(max_condition) else None
     cap.diagonal(dim1=-2, dim2=-1).add_(1)
     factors, pivots, _ = torch.linalg.lu_factor_ex(cap)  # one factorization: log|det|, solve
@@ -195,34 +203,80 @@ def low_rank_check(
     if not all_ok:
         ok = (code == 0)[..., None, None]
         cap = torch.where(ok, cap, _eye_like(cap))
-        u = torch.where(ok, u, 0)
-        inv_u = None if full else torch.where(ok, inv_u, 0)
-    # full: the new inverse C^{-1} A^{-1} itself; else the Woodbury factor C^{-1} V^T A^{-1}
-    rhs = inv if full else v.mT @ inv
+        inv_u, u = torch.where(ok, inv_u, 0), torch.where(ok, u, 0)
+    rhs = v.mT @ inv  # the Woodbury factor is C^{-1} V^T A^{-1}
     if all_ok:
         correction = torch.linalg.lu_solve(factors, pivots, rhs)
     else:  # rejected elements were replaced by I: factorize again
         correction = torch.linalg.solve(cap, rhs)
     # entrywise bounds: |(X + A B)_ij| <= max|X| + |A_i:| |B_:j| <= max|X| + |A|_F |B|_F
     mat_old, inv_old = entry_bounds or (_max_abs(matrix), _max_abs(inv))
-    if full:
-        inv_bound = _max_abs(correction)
-        mat_bound = mat_old + _max_abs(u)
-    else:
-        inv_bound = inv_old + _frobenius(inv_u) * _frobenius(correction)
-        mat_bound = mat_old + _frobenius(u) * _frobenius(v)
-    limit = torch.finfo(out_dtype or matrix.dtype).max
-    fits = (inv_bound < torch.finfo(inv.dtype).max) & (mat_bound < limit)  # False for NaN
-    if all_ok and bool(fits.all()):
-        code = torch.zeros(cap_sign.shape, dtype=torch.long, device=inv.device)
-        bounds = (mat_bound, inv_bound)
-        return LowRankCheck(code, inv_u, correction, cap_sign, cap_logabsdet, bounds, True)
+    inv_bound = inv_old + _frobenius(inv_u) * _frobenius(correction)
+    mat_bound = mat_old + _frobenius(u) * _frobenius(v)
+    return _finish(code, (inv_u, correction, cap_sign, cap_logabsdet), lambda: (mat_old, inv_old),
+                   (mat_bound, inv_bound), (inv.dtype, out_dtype or matrix.dtype))
+
+
+def _finish(
+    code: Tensor | None,
+    parts: tuple[Tensor | None, Tensor, Tensor, Tensor],
+    old: Callable[[], tuple[Tensor, Tensor]],
+    new: tuple[Tensor, Tensor],
+    dtypes: tuple[torch.dtype, torch.dtype],
+) -> LowRankCheck:
+    """The last check of both paths: neither the inverse nor the merged matrix may overflow
+    (entry bounds ``new`` against the dtypes' largest values); ``code`` ``None``: all passed.
+    ``old`` gives the bounds kept by refused elements (called only if one is refused)."""
+    mat_bound, inv_bound = new
+    fits = (inv_bound < torch.finfo(dtypes[0]).max) & (mat_bound < torch.finfo(dtypes[1]).max)
+    shape = parts[2].shape
+    if code is None and bool(fits.all()):  # (a comparison with NaN fails: it does not fit)
+        zeros = torch.zeros(shape, dtype=torch.long, device=mat_bound.device)
+        return LowRankCheck(zeros, *parts, (mat_bound, inv_bound), True)
     if code is None:
-        code = torch.zeros(cap_sign.shape, dtype=torch.long, device=inv.device)
-    code = torch.where((code == 0) & ~fits, len(checks) + 1, code)
+        code = torch.zeros(shape, dtype=torch.long, device=mat_bound.device)
+    code = torch.where((code == 0) & ~fits, len(MERGE_REJECTIONS) - 1, code)
     folds = code == 0
+    mat_old, inv_old = old()
     bounds = (torch.where(folds, mat_bound, mat_old), torch.where(folds, inv_bound, inv_old))
-    return LowRankCheck(code, inv_u, correction, cap_sign, cap_logabsdet, bounds)
+    return LowRankCheck(code, *parts, bounds)
+
+
+def _whole_change_check(
+    matrix: Tensor,
+    inv: Tensor,
+    logabsdet: Tensor,
+    sign: Tensor,
+    delta: Tensor,
+    update_bounds: Bounds,
+    logdet_bounds: Bounds,
+    out_dtype: torch.dtype | None,
+    entry_bounds: tuple[Tensor, Tensor] | None,
+) -> LowRankCheck:
+    r""":func:`low_rank_check` for ``v=None``: factorize :math:`A + \Delta`; :math:`O(n^3)`."""
+    finite = torch.isfinite(delta.sum((-2, -1)))
+    all_finite = bool(finite.all())
+    if not all_finite:
+        finite = torch.isfinite(delta).all(-1).all(-1)
+        all_finite = bool(finite.all())
+    if not all_finite:
+        delta = torch.where(finite[..., None, None], delta, 0)
+    merged = matrix + delta
+    factors, pivots, _ = torch.linalg.lu_factor_ex(merged)
+    new_sign, new_logabsdet = _slogdet_lu(factors, pivots)
+    change = new_logabsdet - logabsdet
+    checks = [
+        None if all_finite else ~finite,
+        ~torch.isfinite(new_logabsdet),  # -inf for a singular A + Delta, NaN for a non-finite one
+        _outside(change, update_bounds),
+        None,  # no capacitance matrix: nothing amplifies the rounding of the new inverse
+        _outside(new_logabsdet, logdet_bounds),
+    ]
+    code = _first_failed(checks, new_sign.shape, matrix.device)
+    new_inv = torch.linalg.lu_solve(factors, pivots, _eye_like(merged))
+    parts = (None, new_inv, new_sign * sign, change)
+    return _finish(code, parts, lambda: entry_bounds or (_max_abs(matrix), _max_abs(inv)),
+                   (_max_abs(merged), _max_abs(new_inv)), (inv.dtype, out_dtype or matrix.dtype))
 
 
 def _outside(x: Tensor, bounds: Bounds, shift: Tensor | None = None) -> Tensor | None:
@@ -330,7 +384,7 @@ def feasible_scale(
     Tensor, shape (*), float64
         The scale per stack element, 0 where no grid point passes.
     """
-    m = inv @ u if v is None else v.mT @ ((u.mT @ inv.mT).mT)
+    m = inv @ u if v is None else v.mT @ ((u.mT @ inv.mT).mT)  # v=None: C(t) = I + t A^{-1} U
     t = 2.0 ** (-torch.arange(steps, dtype=torch.float64, device=m.device) / 2)
     shaped = t.reshape(-1, *([1] * m.ndim))
     cap = _eye_like(m) + shaped * m  # (steps, *, k, k)
@@ -340,7 +394,7 @@ def feasible_scale(
     ok = (sign != 0) & torch.isfinite(lad)
     ok &= (lad >= update_bounds[0]) & (lad <= update_bounds[1])
     ok &= (new >= logdet_bounds[0]) & (new <= logdet_bounds[1])
-    if math.isfinite(max_condition):
+    if math.isfinite(max_condition) and v is not None:  # (no capacitance for v=None)
         exceeds = _condition_exceeds(cap, max_condition, lu=(factors, pivots))
         if exceeds is not None:
             ok &= ~exceeds
@@ -383,7 +437,7 @@ def low_rank_merge_(
         :math:`A` and :math:`A^{-1}` (finite), updated in place.
     sign, logabsdet : Tensor, shape (*)
         Updated in place.
-    u, v : Tensor, shape (*, n, k)
+    u, v : Tensor, shape (*, n, k), or ``u`` (*, n, n) and ``v=None`` (the whole change)
     update_bounds, logdet_bounds : (float, float)
     out_dtype : torch.dtype, optional
         Dtype the merged matrix will be stored in (checked for overflow).
@@ -408,7 +462,8 @@ def low_rank_merge_(
     (0, [2.0, 1.0], [0.5, 1.0], 2.0)
     """
     check = low_rank_check(
-        matrix, inv, logabsdet, u, v, update_bounds, logdet_bounds, max_condition, out_dtype
+        matrix, inv, logabsdet, u, v, update_bounds, logdet_bounds, max_condition, out_dtype,
+        sign=sign,
     )
     low_rank_fold_(matrix, inv, sign, logabsdet, u, v, check)
     return check.codes, check.cap_logabsdet
