@@ -63,7 +63,7 @@ def _condition_exceeds(
     (``spread``, when given, is :math:`e`, computed by the caller before it added :math:`I`).
     Larger steps are settled by :math:`\kappa_2(C) \le \lVert C\rVert_F\lVert C^{-1}\rVert_F`
     (an inverse costs a fraction of an SVD). That bound can exceed :math:`\kappa_2` by a
-    factor up to ``k``, so for ``k >= 32`` (the whole change of a large matrix) a power-iteration
+    factor up to ``k``, so for ``k >= 32`` (the rank-n/4 merges of large matrices) a power-iteration
     estimate, a lower bound of :math:`\kappa_2` within a few percent of it after its
     iterations when the extreme singular values are separated, settles elements whose estimate
     is below ``limit / 4`` (:func:`condition_estimate`; ``lu`` is :math:`C`'s LU factorization
@@ -83,11 +83,10 @@ def _condition_exceeds(
         if bool(unsure.any()):
             exceeds = exceeds.masked_scatter(unsure, _condition(cap[unsure]) > limit)
         return exceeds if bool(exceeds.any()) else None
-    else:
-        inverse, info = torch.linalg.inv_ex(clean)
-        bound = torch.linalg.matrix_norm(clean) * torch.linalg.matrix_norm(inverse)
-        if bool(((info == 0) & (bound <= limit)).all()):
-            return None
+    inverse, info = torch.linalg.inv_ex(clean)
+    bound = torch.linalg.matrix_norm(clean) * torch.linalg.matrix_norm(inverse)
+    if bool(((info == 0) & (bound <= limit)).all()):
+        return None
     return _condition(cap) > limit
 
 
