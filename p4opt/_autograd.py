@@ -2,8 +2,8 @@ r"""The base class of p4opt's hand-written autograd functions (private).
 
 ``torch.autograd.Function.apply`` binds its arguments with :func:`inspect.signature` on every
 call when the class defines ``setup_context`` (which :mod:`torch.func` transforms need). On
-CPU that costs about 25 µs a call, as much as the products of a layer with ``n <= 256``: for
-``Invertible``'s inverse pass it tripled the cost of the product itself. :class:`Function`
+CPU that binding costs as much as the products of a small layer (measured in the changelog's
+"Per-call costs" and on the benchmarks page). :class:`Function`
 binds nothing (every p4opt function is called with all its arguments, positionally) and,
 when no :mod:`torch.func` transform is active, enters the C++ ``apply`` directly, as
 ``torch.autograd.Function.apply`` does after its binding step. Under a transform it defers

@@ -244,7 +244,7 @@ def test_feasible_scale_is_the_largest_grid_fraction_inside_the_bounds(k):
 
 
 def test_condition_check_agrees_with_the_svd_on_both_sides_of_the_cheap_bound():
-    from p4opt.linalg.merge import _condition, _condition_exceeds
+    from p4opt.linalg._checks import _condition, _condition_exceeds
 
     g = torch.Generator().manual_seed(4)
     for scale in (1e-3, 0.1, 0.9, 3.0):
@@ -258,7 +258,7 @@ def test_condition_check_agrees_with_the_svd_on_both_sides_of_the_cheap_bound():
 
 @pytest.mark.parametrize("k", [32, 96])
 def test_condition_estimate_is_a_close_lower_bound_and_settles_large_checks(k):
-    from p4opt.linalg.merge import _condition, _condition_exceeds
+    from p4opt.linalg._checks import _condition, _condition_exceeds
 
     g = torch.Generator().manual_seed(k)
     q1, q2 = (linalg.random_orthogonal(k, generator=g, dtype=torch.float64) for _ in range(2))

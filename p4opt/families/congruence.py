@@ -15,8 +15,8 @@ import torch
 
 from p4opt._typing import Tensor
 from p4opt.errors import SingularMatrixError
+from p4opt.linalg._checks import _condition
 from p4opt.linalg._common import _eye_like
-from p4opt.linalg.merge import _condition
 from p4opt.records import Reason
 
 __all__ = [

@@ -28,9 +28,10 @@ def default_rank(n: int) -> int:
     The whole change (``n``) up to ``n = 512``; above, a quarter of ``n``. Folding the whole
     step makes the projected rule take exactly the optimizer's steps, at an :math:`O(n^3)`
     merge (a float64 LU of :math:`A + \Delta` and the inverse from it) that up to ``n = 512``
-    costs less time to a target than the :math:`O(n^2 k)` merges of rank ``n/4``, which take
-    1.1–1.4× the steps; above, the full merge costs more than the steps it saves (the
-    Invertible page of the documentation).
+    costs less time to a target than the cheaper :math:`O(n^2 k)` merges of rank ``n/4``,
+    which take more steps; above, the full merge costs more than the steps it saves
+    (measurements: the Invertible page and "How fast invertible weights learn" in the
+    documentation).
 
     Examples
     --------
