@@ -104,6 +104,8 @@ def _first_failed(
     ``None`` entries are checks that cannot fail; returns ``None`` when no element failed any.
     """
     present = [(i, c) for i, c in enumerate(checks, start=1) if c is not None]
+    if not present:
+        return None
     failed = torch.stack([c if c.shape == shape else c.expand(shape) for _, c in present])
     if not bool(failed.any()):
         return None

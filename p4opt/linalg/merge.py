@@ -249,7 +249,8 @@ def low_rank_fold_(
     .. math:: A \leftarrow A + UV^T, \quad A^{-1} \leftarrow A^{-1} - A^{-1}U C^{-1} V^TA^{-1},
               \quad \log|\det A| \mathrel{+}= \log|\det C|
 
-    (``v=None``, :math:`V = I`: :math:`A^{-1} \leftarrow C^{-1}A^{-1}`, computed by the check.)
+    (``v=None``, :math:`V = I`: :math:`A \leftarrow A + U` and the inverse the check computed
+    from the factorization of :math:`A + U`.)
 
     Rejected elements receive a zero update. Cost :math:`O(n^2 k)`, no :math:`n \times n`
     temporary for 2-D and 3-D inputs.
