@@ -4,8 +4,9 @@ Methods, all with Adam (the P⁴Inv ones through ``p4opt.P4Optimizer``):
 ``dense`` (a plain weight and ``torch.linalg.slogdet``), ``p4inv`` (``p4opt.Invertible()`` at
 the library defaults), ``rank-n4`` and ``rank-n`` (the projected rule at rank ``n // 4``, the
 default above ``n = 512``, and at rank ``n``, the whole step, the default up to 512),
-``lowmem`` (``Invertible(update="factored", rank=n // 4, restart="gradient")``) and
-``p4inv-r1-0.1`` (0.1.0's default: ``update="factored", rank=1``).
+``lowmem`` (``Invertible(update="factored", rank=n // 4, restart="gradient")``),
+``p4inv-r1-0.1`` (0.1.0's default: ``update="factored", rank=1``) and ``lu`` (the LU
+parametrization of Glow-style flows, :class:`p4opt.studies.baselines.LU`).
 Each method takes the learning rate of the grid with the fewest median steps to the relative
 target 1e-4 over the seeds; the step cost of every method is timed side by side (interleaved,
 one thread, each method at its best learning rate from the same start) and time to target =
@@ -27,6 +28,7 @@ from collections.abc import Callable
 import torch
 
 import p4opt
+from p4opt.studies.baselines import LU
 from p4opt.studies.tasks import GaussianML
 from p4opt.studies.timing import interleaved_median
 
@@ -47,6 +49,9 @@ def build(
     if method == "dense":
         w = torch.nn.Parameter(task.initial().clone())
         return (lambda: task.objective(w, torch.linalg.slogdet(w)[1])), torch.optim.Adam([w], lr=lr)
+    if method == "lu":  # Glow's LU parametrization (p4opt.studies.baselines.LU)
+        lu = LU(task.initial().clone())
+        return (lambda: task.objective(lu.weight(), lu.logabsdet())), lu.optimizer(lr)
     holder = torch.nn.Module()
     holder.weight = torch.nn.Parameter(task.initial().clone())
     pert = p4opt.register(holder, "weight", p4opt.Invertible(seed=seed, **OPTIONS[method](task.n)))

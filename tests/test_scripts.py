@@ -31,7 +31,7 @@ RUNS: dict[str, list[str]] = {
     "benchmarks/invertible_accuracy.py": ["--n", "8", "--merges", "10", "--check-every", "5",
                                           "--out", "accuracy.json"],
     "benchmarks/invertible_speed.py": ["--n", "8", "--seeds", "1", "--cap", "10", "--lrs", "0.1",
-                                       "--methods", "dense", "p4inv", "lowmem", "p4inv-r1-0.1"],
+                                       "--methods", "dense", "p4inv", "lowmem", "p4inv-r1-0.1", "lu"],
     "benchmarks/linear_residual.py": ["--n", "8", "--dense-n", "4", "--steps", "20", "--chunk",
                                       "10", "--batch", "8", "--out", "residual.json"],
     "benchmarks/orthogonal_accuracy.py": ["--n", "8", "--merges", "10"],
