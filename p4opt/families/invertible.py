@@ -25,13 +25,10 @@ Bounds = tuple[float, float]
 def default_rank(n: int) -> int:
     r"""Default rank of :class:`Invertible`'s merged updates for matrices of size ``n``.
 
-    The whole change (``n``) up to ``n = 512``; above, a quarter of ``n``. Folding the whole
-    step makes the projected rule take exactly the optimizer's steps, at an :math:`O(n^3)`
-    merge (a float64 LU of :math:`A + \Delta` and the inverse from it) that up to ``n = 512``
-    costs less time to a target than the cheaper :math:`O(n^2 k)` merges of rank ``n/4``,
-    which take more steps; above, the full merge costs more than the steps it saves
-    (measurements: the Invertible page and "How fast invertible weights learn" in the
-    documentation).
+    The whole change (``n``) up to ``n = 512``, a quarter of ``n`` above: the whole step takes
+    exactly the optimizer's steps at an :math:`O(n^3)` merge (a float64 LU of
+    :math:`A + \Delta`) that up to ``n = 512`` costs less time to a target than rank ``n/4``'s
+    cheaper merges and extra steps (measurements: "How fast invertible weights learn").
 
     Examples
     --------
