@@ -5,8 +5,10 @@ Methods, all with Adam (the P⁴Inv ones through ``p4opt.P4Optimizer``):
 the library defaults), ``rank-n4`` and ``rank-n`` (the projected rule at rank ``n // 4``, the
 default above ``n = 512``, and at rank ``n``, the whole step, the default up to 512),
 ``lowmem`` (``Invertible(update="factored", rank=n // 4, restart="gradient")``),
-``p4inv-r1-0.1`` (0.1.0's default: ``update="factored", rank=1``) and ``lu`` (the LU
-parametrization of Glow-style flows, :class:`p4opt.studies.baselines.LU`).
+``p4inv-r1-0.1`` (0.1.0's default: ``update="factored", rank=1``), ``p4inv-f32`` (the
+defaults with float32 bookkeeping) and ``lu`` (the LU parametrization of Glow-style flows,
+:class:`p4opt.studies.baselines.LU`). For the P⁴Inv methods the table also gives the largest
+``validate()`` inverse error at the end of the runs.
 Each method takes the learning rate of the grid with the fewest median steps to the relative
 target 1e-4 over the seeds; the step cost of every method is timed side by side (interleaved,
 one thread, each method at its best learning rate from the same start) and time to target =
@@ -36,6 +38,7 @@ OPTIONS = {
     "p4inv": lambda n: {},
     "rank-n4": lambda n: {"rank": max(1, n // 4)},
     "rank-n": lambda n: {"rank": n},
+    "p4inv-f32": lambda n: {"dtype": torch.float32},
     "lowmem": lambda n: {"update": "factored", "rank": max(1, n // 4), "restart": "gradient"},
     "p4inv-r1-0.1": lambda n: {"update": "factored", "rank": 1},
 }
@@ -59,17 +62,26 @@ def build(
     return (lambda: task.objective(holder.weight, pert.logabsdet().to(task.dtype))), opt
 
 
+#: Largest ``validate()`` inverse error at the end of each P⁴Inv method's runs.
+INVERSE_ERRORS: dict[str, float] = {}
+
+
 def steps_to_target(method: str, n: int, lr: float, seed: int, cap: int) -> int | None:
     task = GaussianML(n, seed=seed)
     loss_fn, opt = build(method, task, lr, seed)
+    reached = None
     for step in range(cap):
         loss = loss_fn()
         if task.relative(float(loss.detach())) < 1e-4:
-            return step
+            reached = step
+            break
         loss.backward()
         opt.step()
         opt.zero_grad()
-    return None
+    for pert in getattr(opt, "perturbations", ()):
+        error = pert.validate().figures["inverse_error"]
+        INVERSE_ERRORS[method] = max(INVERSE_ERRORS.get(method, 0.0), error)
+    return reached
 
 
 def step_costs(
@@ -112,16 +124,18 @@ def main() -> None:
                 best[method] = (lr, median)
     cost = step_costs(args.methods, args.n, {m: lr for m, (lr, _) in best.items()})
     dense_steps, dense_cost = best["dense"][1], cost["dense"]
-    print("\n| n | method | best lr | median steps | steps/dense | step cost/dense | time/dense |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| n | method | best lr | median steps | steps/dense | step cost/dense | time/dense "
+          "| worst inverse error |")
+    print("|---|---|---|---|---|---|---|---|")
     for method in args.methods:
         lr, steps = best[method]
         ratio = cost[method] / dense_cost
+        error = f"{INVERSE_ERRORS[method]:.1e}" if method in INVERSE_ERRORS else "-"
         if steps == float("inf"):
-            print(f"| {args.n} | {method} | - | - | - | {ratio:.2f} | - |")
+            print(f"| {args.n} | {method} | - | - | - | {ratio:.2f} | - | {error} |")
             continue
         print(f"| {args.n} | {method} | {lr:g} | {steps:g} | {steps / dense_steps:.2f} | "
-              f"{ratio:.2f} | {steps * ratio / dense_steps:.2f} |")
+              f"{ratio:.2f} | {steps * ratio / dense_steps:.2f} | {error} |")
 
 
 if __name__ == "__main__":
