@@ -15,6 +15,7 @@ from p4opt.families import square
 from p4opt.families.invertible_queries import TrackedInverse, tracked_report
 from p4opt.families.invertible_updates import EntryBounds, Factored, Projected, UpdateRule
 from p4opt.linalg import merge as lowrank
+from p4opt.linalg.partial import SCALABLE, feasible_scale
 from p4opt.perturbation import Perturbation, Proposal, ValidationReport
 
 __all__ = ["Invertible", "default_rank"]
@@ -262,10 +263,10 @@ class Invertible(TrackedInverse, Perturbation):
         if check.all_pass or not bool(check.codes.ne(0).any()):  # the whole update folds
             return Proposal(figures=self._figures(check), data=(u, v, check))
         scale = torch.ones(check.codes.shape, dtype=torch.float64, device=u.device)
-        scalable = torch.isin(check.codes, torch.tensor(lowrank.SCALABLE, device=u.device))
+        scalable = torch.isin(check.codes, torch.tensor(SCALABLE, device=u.device))
         cut = torch.where(scalable, check.codes, 0)
         if bool(scalable.any()):
-            t = lowrank.feasible_scale(self.inv, self.logabsdet_base, u, v, *args)
+            t = feasible_scale(self.inv, self.logabsdet_base, u, v, *args)
             use = scalable & (t > 0)
             if bool(use.any()):
                 scale = torch.where(use, t, scale)

@@ -28,7 +28,6 @@ from p4opt.linalg.lowrank import capacitance, lemma_slogdet, woodbury_inverse, w
 from p4opt.linalg.merge import (
     MERGE_REJECTIONS,
     LowRankCheck,
-    feasible_scale,
     low_rank_check,
     low_rank_fold_,
     low_rank_merge_,
@@ -39,6 +38,7 @@ from p4opt.linalg.metrics import (
     spd_condition,
     sum_complement,
 )
+from p4opt.linalg.partial import feasible_scale
 from p4opt.linalg.random import random_orthogonal
 from p4opt.linalg.refine import (
     hyperpower_step,

@@ -1,4 +1,4 @@
-r"""Validated low-rank merges (check, then fold in place) and partial merges."""
+r"""Validated low-rank merges: check every stack element, then fold in place."""
 
 from __future__ import annotations
 
@@ -25,9 +25,7 @@ __all__ = [
     "low_rank_check",
     "low_rank_fold_",
     "low_rank_merge_",
-    "feasible_scale",
     "MERGE_REJECTIONS",
-    "SCALABLE",
 ]
 
 #: Why a low-rank merge of a stack element is not folded, indexed by the code of
@@ -43,8 +41,6 @@ MERGE_REJECTIONS = (
 )
 
 Bounds = tuple[float, float]
-#: Codes (positions in :class:`p4opt.Reason`) of checks that a smaller step can satisfy.
-SCALABLE = (2, 3, 4, 5)
 
 
 @dataclass
@@ -276,46 +272,6 @@ def low_rank_fold_(
         _addmm_(matrix, torch.where(ok, u, 0).to(matrix.dtype), v.mT.to(matrix.dtype))
     sign.copy_(torch.where(ok_b, sign * check.cap_sign, sign))
     logabsdet.copy_(torch.where(ok_b, logabsdet + check.cap_logabsdet, logabsdet))
-
-
-def feasible_scale(
-    inv: Tensor,
-    logabsdet: Tensor,
-    u: Tensor,
-    v: Tensor | None,
-    update_bounds: Bounds,
-    logdet_bounds: Bounds,
-    max_condition: float,
-    steps: int = 24,
-) -> Tensor:
-    r"""Largest :math:`t \in (0, 1]` on a geometric grid for which :math:`tUV^T` passes the checks.
-
-    With :math:`M = V^TA^{-1}U`, the capacitance of the scaled update is
-    :math:`C(t) = I + tM` (for rank one it is linear in ``t``). The grid is
-    :math:`t_j = 2^{-j/2}`, ``j < steps`` (down to about ``2.4e-4`` by default); every
-    candidate is evaluated in one batched call. Cost :math:`O(n^2k + \text{steps}\cdot k^3)`.
-
-    Returns
-    -------
-    Tensor, shape (*), float64
-        The scale per stack element, 0 where no grid point passes.
-    """
-    m = inv @ u if v is None else v.mT @ ((u.mT @ inv.mT).mT)  # v=None: C(t) = I + t A^{-1} U
-    t = 2.0 ** (-torch.arange(steps, dtype=torch.float64, device=m.device) / 2)
-    shaped = t.reshape(-1, *([1] * m.ndim))
-    cap = _eye_like(m) + shaped * m  # (steps, *, k, k)
-    factors, pivots, _ = torch.linalg.lu_factor_ex(cap)
-    sign, lad = _slogdet_lu(factors, pivots)
-    new = logabsdet + lad
-    ok = (sign != 0) & torch.isfinite(lad)
-    ok &= (lad >= update_bounds[0]) & (lad <= update_bounds[1])
-    ok &= (new >= logdet_bounds[0]) & (new <= logdet_bounds[1])
-    if math.isfinite(max_condition) and v is not None:  # (no capacitance for v=None)
-        exceeds = _condition_exceeds(cap, max_condition, lu=(factors, pivots))
-        if exceeds is not None:
-            ok &= ~exceeds
-    first = torch.where(ok.any(0), ok.to(torch.uint8).argmax(0), steps)
-    return torch.where(first < steps, t[first.clamp_max(steps - 1)], 0.0)
 
 
 def low_rank_merge_(
