@@ -211,6 +211,7 @@ class Invertible(TrackedInverse, Perturbation):
         self, value: Tensor, matrix: Tensor, inv: Tensor, sign: Tensor, logabsdet: Tensor
     ) -> None:
         precise = matrix.clone() if value.dtype != self.dtype else None
+        self._pending_lu = None  # new bookkeeping replaces a deferred inverse
         if "inv" not in self._buffers:
             self.register_buffer("inv", inv)
             self.register_buffer("precise_base", precise)
@@ -229,7 +230,7 @@ class Invertible(TrackedInverse, Perturbation):
     # ---------------------------------------------------------------- contract
     def identity(self) -> None:
         """Return every matrix of the stack to its base (the pending update is dropped)."""
-        self.rule.restart(torch.ones(self.inv.shape[:-2], dtype=torch.bool), folded=False)
+        self.rule.restart(torch.ones(self._inverse_shape[:-2], dtype=torch.bool), folded=False)
 
     def apply(self, base: Tensor) -> Tensor:
         """:math:`A + \\Delta` (or :math:`A + UV^T`) in the layer's dtype."""
@@ -239,7 +240,7 @@ class Invertible(TrackedInverse, Perturbation):
         return self.rule.apply(base.reshape(c, c)).reshape(base.shape)
 
     def _stack_shape(self) -> torch.Size:
-        return self.inv.shape[:-2]
+        return self._inverse_shape[:-2]
 
     def _matrix(self) -> Tensor:
         """The base matrix :math:`A` at bookkeeping precision, shape (*, n, n)."""
@@ -247,7 +248,7 @@ class Invertible(TrackedInverse, Perturbation):
         if self.precise_base is not None:
             return self.precise_base
         base = self.base
-        return base.reshape(self.inv.shape) if self._conv else base
+        return base.reshape(self._inverse_shape) if self._conv else base
 
     # ------------------------------------------------------------------ merging
     def propose(self) -> Proposal:
@@ -255,10 +256,12 @@ class Invertible(TrackedInverse, Perturbation):
         u, v = self.rule.factors()
         args = (self.update_logdet_bounds, self.logdet_bounds, self.max_update_condition)
         matrix = self._matrix()
-        bounds = self._bounds.get(matrix, self.inv)
+        whole = v is None  # the check factorizes A + Delta and needs no A^{-1}
+        inv = self._buffers["inv"] if whole else self.inv
+        bounds = None if whole else self._bounds.get(matrix, inv)
         check = lowrank.low_rank_check(
-            matrix, self.inv, self.logabsdet_base, u, v, *args, self.base.dtype, bounds,
-            self.sign_base,
+            matrix, inv, self.logabsdet_base, u, v, *args, self.base.dtype, bounds,
+            self.sign_base, inverse=not whole,
         )
         if check.all_pass or not bool(check.codes.ne(0).any()):  # the whole update folds
             return Proposal(figures=self._figures(check), data=(u, v, check))
@@ -272,8 +275,8 @@ class Invertible(TrackedInverse, Perturbation):
                 scale = torch.where(use, t, scale)
                 u = u * scale[..., None, None].to(u.dtype)
                 check = lowrank.low_rank_check(
-                    matrix, self.inv, self.logabsdet_base, u, v, *args, self.base.dtype, bounds,
-                    self.sign_base,
+                    matrix, inv, self.logabsdet_base, u, v, *args, self.base.dtype, bounds,
+                    self.sign_base, inverse=not whole,
                 )
         return Proposal(
             codes=check.codes, scale=scale, cut=cut, figures=self._figures(check),
@@ -288,11 +291,15 @@ class Invertible(TrackedInverse, Perturbation):
     def fold(self, proposal: Proposal, ok: Tensor) -> None:
         u, v, check = proposal.data
         matrix = self._matrix()
-        lowrank.low_rank_fold_(matrix, self.inv, self.sign_base, self.logabsdet_base, u, v, check)
+        deferred = check.factorization is not None  # every element folds: keep the LU factors
+        inv = self._buffers["inv"] if deferred else self.inv
+        lowrank.low_rank_fold_(matrix, inv, self.sign_base, self.logabsdet_base, u, v, check)
+        if deferred:
+            self._defer_inverse(*check.factorization)  # type: ignore[misc]
         if matrix is self.precise_base:  # round the float64 master into the layer
             self.base.copy_(self._as_weight(matrix))
-        if check.entry_bounds is not None:
-            self._bounds.put(matrix, self.inv, check.entry_bounds)
+        if check.entry_bounds is not None and v is not None:
+            self._bounds.put(matrix, inv, check.entry_bounds)
         if proposal.scale is None:
             return
         partial = ok & (proposal.scale < 1)
@@ -304,7 +311,14 @@ class Invertible(TrackedInverse, Perturbation):
 
     @torch.no_grad()
     def correct(self) -> dict[str, float]:
-        """Refine the stored inverse iteratively and recompute log|det| by LU; :math:`O(n^3)`."""
+        """Refine the stored inverse iteratively and recompute log|det| by LU; :math:`O(n^3)`.
+
+        Nothing to do while the inverse waits as the LU factors of the last whole-step merge:
+        it will be solved from a fresh factorization of the current matrix, and log|det| came
+        from the same factors.
+        """
+        if self._inverse_pending:
+            return {}
         matrix = self._matrix()
         inv, residual = linalg.refine_inverse(
             matrix, self.inv, order=self.refine_order, max_steps=2
@@ -323,6 +337,7 @@ class Invertible(TrackedInverse, Perturbation):
             self.precise_base = None
 
     def _apply(self, fn: Any, recurse: bool = True) -> Invertible:
+        self._settle_inverse()  # the move takes the buffer, not the pending factors
         # leaving the bookkeeping dtype: keep the exact base as the master copy first
         if self.is_registered and "inv" in self._buffers and self.precise_base is None:
             probe = fn(torch.empty(0, dtype=self.dtype))

@@ -10,6 +10,7 @@ import torch
 from p4opt import linalg
 from p4opt._typing import Tensor
 from p4opt.errors import P4TypeError, ShapeError, describe
+from p4opt.families.deferred_inverse import DeferredInverse
 from p4opt.records import ValidationReport
 
 if TYPE_CHECKING:
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 __all__ = ["TrackedInverse", "tracked_report"]
 
 
-class TrackedInverse:
+class TrackedInverse(DeferredInverse):
     """Queries on the current matrix :math:`W` of a family keeping :math:`A^{-1}` and log|det A|.
 
     The family provides ``rule`` (an :class:`~p4opt.families.invertible_updates.UpdateRule`),
@@ -28,6 +29,7 @@ class TrackedInverse:
 
     rule: UpdateRule
     inv: Tensor
+    dtype: torch.dtype
     sign_base: Tensor
     logabsdet_base: Tensor
     update: str
@@ -62,8 +64,8 @@ class TrackedInverse:
         Computed in ``y``'s dtype; differentiable. Cost :math:`O(Bn^2)` for ``B`` vectors.
         For a stack ``(*, n, n)``, ``y`` has shape ``(..., *, n)``.
         """
-        n = self.inv.shape[-1]
-        stack = self.inv.shape[:-2]
+        n = self._inverse_shape[-1]
+        stack = self._inverse_shape[:-2]
         if not isinstance(y, Tensor) or not y.is_floating_point():
             raise P4TypeError(f"y must be a floating-point tensor, got {describe(y)}")
         if y.ndim < 1 + len(stack) or y.shape[y.ndim - 1 - len(stack):] != (*stack, n):
@@ -75,11 +77,22 @@ class TrackedInverse:
 
     def _inverse_transposed(self, dtype: torch.dtype) -> Tensor:
         """Contiguous :math:`A^{-T}` in ``dtype``, cached until the bookkeeping changes."""
-        key = (dtype, self.inv.device, self.inv.data_ptr())
-        version = self.inv._version
+        if self._inverse_pending:
+            if dtype != self.dtype:  # a training step's gradient: solve in dtype, keep deferring
+                key = ("lu", dtype, self._lu_generation)
+                hit = self._cast_cache.get(key)
+                if hit is None:
+                    hit = (0, self._pending_inverse_transposed(dtype))
+                    self._cast_cache.clear()
+                    self._cast_cache[key] = hit
+                return hit[1]
+            self._settle_inverse()  # wanted at bookkeeping precision: solve for it exactly
+        inv = self.inv
+        key = (dtype, inv.device, inv.data_ptr())
+        version = inv._version
         hit = self._cast_cache.get(key)
         if hit is None or hit[0] != version:
-            hit = (version, self.inv.mT.to(dtype).contiguous())
+            hit = (version, inv.mT.to(dtype).contiguous())
             self._cast_cache.clear()
             self._cast_cache[key] = hit
         return hit[1]

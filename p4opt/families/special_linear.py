@@ -68,7 +68,7 @@ class SpecialLinear(Invertible):
     def apply(self, base: Tensor) -> Tensor:
         r""":math:`\widetilde W e^{-\log|\det \widetilde W|/n}` in the layer's dtype."""
         wide = super().apply(base)
-        n = self.inv.shape[-1]
+        n = self._inverse_shape[-1]
         factor = torch.exp(-super().logabsdet() / n).to(wide.dtype)
         if self._conv:
             return wide * factor
@@ -85,14 +85,14 @@ class SpecialLinear(Invertible):
 
     def inverse(self) -> Tensor:
         r""":math:`W^{-1}`, differentiable; shape (*, n, n), bookkeeping dtype."""
-        n = self.inv.shape[-1]
+        n = self._inverse_shape[-1]
         return super().inverse() * torch.exp(super().logabsdet() / n)[..., None, None]
 
     def solve(self, y: Tensor) -> Tensor:
         r"""Apply :math:`W^{-1}` to every vector ``y[..., n]`` without forming it."""
-        n = self.inv.shape[-1]
+        n = self._inverse_shape[-1]
         factor = torch.exp(super().logabsdet() / n).to(y.dtype)
-        if not self.inv.shape[:-2]:
+        if not self._inverse_shape[:-2]:
             return super().solve(y) * factor
         return super().solve(y) * factor[..., None]
 
@@ -106,12 +106,15 @@ class SpecialLinear(Invertible):
     # ------------------------------------------------------------------ merging
     def _normalize(self, mask: Tensor) -> None:
         """Scale the selected base matrices to :math:`\\log|\\det A| = 0`, inverse alongside."""
-        n = self.inv.shape[-1]
+        n = self._inverse_shape[-1]
         lad = torch.where(mask, self.logabsdet_base, 0)
         factor = torch.exp(-lad / n)  # 1 where not selected
         matrix = self._matrix()
         matrix.mul_(factor[..., None, None].to(matrix.dtype))
-        self.inv.div_(factor[..., None, None])
+        if self._inverse_pending:
+            self._scale_pending_inverse(1 / factor)
+        else:
+            self.inv.div_(factor[..., None, None])
         self.logabsdet_base.copy_(
             torch.where(mask, lad + n * torch.log(factor), self.logabsdet_base)
         )

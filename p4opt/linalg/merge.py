@@ -45,22 +45,28 @@ Bounds = tuple[float, float]
 
 @dataclass
 class LowRankCheck:
-    """Everything :func:`low_rank_fold_` needs, computed once by :func:`low_rank_check`.
+    r"""Everything :func:`low_rank_fold_` needs, computed once by :func:`low_rank_check`.
 
     ``codes`` holds, per stack element, the position in :class:`p4opt.Reason` of the first
     failed check (0 = accepted). For a full update (``v=None``) ``inv_u`` is ``None`` and
-    ``correction`` is the new inverse.
+    ``correction`` is the new inverse, or ``None`` when the check was asked not to form it
+    (``inverse=False``) and every element passed: ``factorization`` then holds the LU
+    factors of :math:`A + \Delta` to solve for it later.
     """
 
     codes: Tensor
     inv_u: Tensor | None
-    correction: Tensor
+    correction: Tensor | None
     cap_sign: Tensor
     cap_logabsdet: Tensor
     #: Upper bounds of the entries' magnitudes of :math:`A` and :math:`A^{-1}` after the fold.
     entry_bounds: tuple[Tensor, Tensor] | None = None
     #: Whether every element passed (``codes`` all 0), known without reading ``codes``.
     all_pass: bool = False
+    #: LU factors and pivots of the transpose :math:`(A + \Delta)^T` (as returned by
+    #: ``torch.linalg.lu_factor``) when ``correction`` was left out: ``lu_solve`` with
+    #: ``adjoint=True`` applies :math:`(A + \Delta)^{-1}`, without it :math:`(A + \Delta)^{-T}`.
+    factorization: tuple[Tensor, Tensor] | None = None
 
 
 def low_rank_check(
@@ -75,6 +81,7 @@ def low_rank_check(
     out_dtype: torch.dtype | None = None,
     entry_bounds: tuple[Tensor, Tensor] | None = None,
     sign: Tensor | None = None,
+    inverse: bool = True,
 ) -> LowRankCheck:
     r"""Check the update :math:`A \leftarrow A + UV^T` of every stack element; change nothing.
 
@@ -103,6 +110,12 @@ def low_rank_check(
         ``entry_bounds`` of the previous merge's check); saves two :math:`O(n^2)` passes.
     sign : Tensor, shape (*), optional
         Sign of :math:`\det A`; required with ``v=None``.
+    inverse : bool
+        With ``v=None``: ``False`` leaves the new inverse (:math:`2n^3` flops, three times the
+        factorization) to the caller when every element passes, returning the LU factors in
+        ``factorization``; :func:`low_rank_fold_` then leaves ``inv`` as it is, and the
+        caller's ``inv`` argument is not read. With a refused element the inverse is formed
+        as usual. Ignored for low-rank updates.
 
     Returns
     -------
@@ -114,7 +127,7 @@ def low_rank_check(
             raise P4ValueError("low_rank_check: v=None (the whole change) needs sign, the sign "
                                "of det A")
         return _whole_change_check(matrix, inv, logabsdet, sign, u, update_bounds,
-                                   logdet_bounds, out_dtype, entry_bounds)
+                                   logdet_bounds, out_dtype, entry_bounds, inverse)
     # a finite sum proves every entry finite (one pass, no mask); only a non-finite sum, which
     # finite entries can also give by overflowing, pays for the entrywise check. Below, every
     # check is one boolean per element, stacked so that the usual case (all pass) costs one
@@ -194,19 +207,36 @@ def _whole_change_check(
     logdet_bounds: Bounds,
     out_dtype: torch.dtype | None,
     entry_bounds: tuple[Tensor, Tensor] | None,
+    inverse: bool = True,
 ) -> LowRankCheck:
     r""":func:`low_rank_check` for ``v=None``: factorize :math:`A + \Delta`; :math:`O(n^3)`."""
+    out_max = torch.finfo(out_dtype or matrix.dtype).max
+    merged = matrix + delta
+    mat_bound = _max_abs(merged)  # NaN or inf when delta has a non-finite entry
+    factors, pivots = _factorize_transpose_(merged)
+    new_sign, new_logabsdet = _slogdet_lu(factors, pivots)
+    change = new_logabsdet - logabsdet
+    if not inverse:  # the usual case in one test: everything finite and inside the bounds
+        ok = torch.isfinite(new_logabsdet) & (mat_bound < out_max)
+        for x, (lo, hi) in ((change, update_bounds), (new_logabsdet, logdet_bounds)):
+            if math.isfinite(lo) or math.isfinite(hi):
+                ok &= (x >= lo) & (x <= hi)
+        if bool(ok.all()):
+            zeros = torch.zeros(new_sign.shape, dtype=torch.long, device=matrix.device)
+            return LowRankCheck(zeros, None, None, new_sign * sign, change, None, True,
+                                (factors, pivots))
     finite = torch.isfinite(delta.sum((-2, -1)))
     all_finite = bool(finite.all())
     if not all_finite:
         finite = torch.isfinite(delta).all(-1).all(-1)
         all_finite = bool(finite.all())
-    if not all_finite:
+    if not all_finite:  # refused elements below; the others are checked on their own
         delta = torch.where(finite[..., None, None], delta, 0)
-    merged = matrix + delta
-    factors, pivots, _ = torch.linalg.lu_factor_ex(merged)
-    new_sign, new_logabsdet = _slogdet_lu(factors, pivots)
-    change = new_logabsdet - logabsdet
+        merged = matrix + delta
+        mat_bound = _max_abs(merged)
+        factors, pivots = _factorize_transpose_(merged)
+        new_sign, new_logabsdet = _slogdet_lu(factors, pivots)
+        change = new_logabsdet - logabsdet
     checks = [
         None if all_finite else ~finite,
         ~torch.isfinite(new_logabsdet),  # -inf for a singular A + Delta, NaN for a non-finite one
@@ -215,10 +245,26 @@ def _whole_change_check(
         _outside(new_logabsdet, logdet_bounds),
     ]
     code = _first_failed(checks, new_sign.shape, matrix.device)
-    new_inv = torch.linalg.lu_solve(factors, pivots, _eye_like(merged))
+    # the solve returns column-major (A + Delta)^{-T}: its transpose is a row-major inverse
+    new_inv = torch.linalg.lu_solve(factors, pivots, _eye_like(factors)).mT
     parts = (None, new_inv, new_sign * sign, change)
     return _finish(code, parts, lambda: entry_bounds or (_max_abs(matrix), _max_abs(inv)),
-                   (_max_abs(merged), _max_abs(new_inv)), (inv.dtype, out_dtype or matrix.dtype))
+                   (mat_bound, _max_abs(new_inv)), (inv.dtype, out_dtype or matrix.dtype))
+
+
+def _factorize_transpose_(merged: Tensor) -> tuple[Tensor, Tensor]:
+    r"""LU factors and pivots of ``merged.mT``, computed in ``merged``'s memory (overwritten).
+
+    LAPACK factorizes column-major storage, which the transpose of a row-major matrix is, so
+    no copy is made; :math:`\det A^T = \det A`, and solves with the factors take
+    ``adjoint=True`` to apply :math:`A^{-1}`.
+    """
+    factors, pivots, _ = torch.linalg.lu_factor_ex(merged.mT, out=(
+        merged.mT,
+        torch.empty(merged.shape[:-1], dtype=torch.int32, device=merged.device),
+        torch.empty(merged.shape[:-2], dtype=torch.int32, device=merged.device),
+    ))
+    return factors, pivots
 
 
 def _addmm_(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> None:
@@ -246,7 +292,8 @@ def low_rank_fold_(
               \quad \log|\det A| \mathrel{+}= \log|\det C|
 
     (``v=None``, :math:`V = I`: :math:`A \leftarrow A + U` and the inverse the check computed
-    from the factorization of :math:`A + U`.)
+    from the factorization of :math:`A + U`; ``inv`` is left as it is when the check left the
+    inverse out, see ``LowRankCheck.factorization``.)
 
     Rejected elements receive a zero update. Cost :math:`O(n^2 k)`, no :math:`n \times n`
     temporary for 2-D and 3-D inputs.
@@ -254,7 +301,8 @@ def low_rank_fold_(
     full = v is None
     if check.all_pass or bool((check.codes == 0).all()):
         if full:
-            inv.copy_(check.correction)
+            if check.correction is not None:  # else the caller keeps check.factorization
+                inv.copy_(check.correction)
             matrix.add_(u.to(matrix.dtype))
         else:
             _addmm_(inv, check.inv_u, check.correction, alpha=-1.0)
