@@ -2,8 +2,8 @@
 
 Methods, all with Adam (the P⁴Inv ones through ``p4opt.P4Optimizer``):
 ``dense`` (a plain weight and ``torch.linalg.slogdet``), ``p4inv`` (``p4opt.Invertible()`` at
-the library defaults), ``rank-n4`` and ``rank-n`` (the projected rule at rank ``n // 4``, the
-default above ``n = 512``, and at rank ``n``, the whole step, the default up to 512),
+the library defaults: rank ``n``, the whole step), ``rank-n4`` and ``rank-n`` (the projected
+rule at rank ``n // 4``, the default above ``n = 512`` before 0.2, and at rank ``n``),
 ``lowmem`` (``Invertible(update="factored", rank=n // 4, restart="gradient")``),
 ``p4inv-r1-0.1`` (0.1.0's default: ``update="factored", rank=1``), ``p4inv-f32`` (the
 defaults with float32 bookkeeping) and ``lu`` (the LU parametrization of Glow-style flows,

@@ -13,7 +13,8 @@ import p4opt
 F64 = torch.float64
 
 
-def _trained(n=12, dtype=torch.float32, stack=(), steps=3, family=p4opt.Invertible, seed=0):
+def _trained(n=12, dtype=torch.float32, stack=(), steps=3, family=p4opt.Invertible, seed=0,
+             options=None):
     """A layer trained for a few whole-step merges (defaults: rank n), left with a pending
     inverse."""
     holder = torch.nn.Module()
@@ -21,7 +22,7 @@ def _trained(n=12, dtype=torch.float32, stack=(), steps=3, family=p4opt.Invertib
     if family is p4opt.SpecialLinear and torch.linalg.det(start) < 0:
         start[0].neg_()
     holder.weight = torch.nn.Parameter(start.expand(*stack, n, n).clone().to(dtype))
-    pert = p4opt.register(holder, "weight", family())
+    pert = p4opt.register(holder, "weight", family(**(options or {})))
     opt = p4opt.P4Optimizer(torch.optim.Adam(holder.parameters(), lr=0.05))
     x = torch.randn(32, n, dtype=dtype, generator=torch.Generator().manual_seed(seed))
     for _ in range(steps):
@@ -127,3 +128,11 @@ def test_a_refused_stack_element_keeps_the_inverse_of_the_previous_merge():
     assert not pert._inverse_pending  # refusals take the eager path, solving the old one
     assert _inverse_error(pert, pert.inv) < 1e-12
     assert pert.validate().ok
+
+
+@pytest.mark.parametrize("family", [p4opt.Invertible, p4opt.SpecialLinear])
+def test_float32_bookkeeping_passes_its_own_validation(family):
+    _, pert = _trained(n=256, steps=20, family=family, options={"dtype": torch.float32})
+    report = pert.validate()
+    assert report.ok, report
+    assert 1e-7 < report.figures["inverse_error"] < 1e-3  # float32 level, not float64's

@@ -16,7 +16,7 @@ from p4opt.records import ValidationReport
 if TYPE_CHECKING:
     from p4opt.families.invertible_updates import UpdateRule
 
-__all__ = ["TrackedInverse", "tracked_report"]
+__all__ = ["TrackedInverse", "bookkeeping_tolerance", "tracked_report"]
 
 
 class TrackedInverse(DeferredInverse):
@@ -109,6 +109,23 @@ class TrackedInverse(DeferredInverse):
         return below**2 + above**2
 
 
+def bookkeeping_tolerance(dtype: torch.dtype, n: int) -> float:
+    r"""``validate()``'s tolerance of the inverse and log-determinant errors.
+
+    :math:`10^{-6}`, or :math:`10\, n\, \varepsilon` of a lower bookkeeping precision when that
+    is larger (a backward-stable inverse in float32 has a residual of order
+    :math:`n\varepsilon`, over :math:`10^{-6}` from :math:`n \approx 10`).
+
+    Examples
+    --------
+    >>> bookkeeping_tolerance(torch.float64, 256)
+    1e-06
+    >>> round(bookkeeping_tolerance(torch.float32, 256), 6)
+    0.000305
+    """
+    return max(1e-6, 10 * n * torch.finfo(dtype).eps)
+
+
 def tracked_report(pert: Any) -> ValidationReport:
     """:meth:`p4opt.Invertible.validate`'s figures for a family keeping :math:`A^{-1}` (O(n³))."""
     base = pert._matrix()
@@ -117,7 +134,8 @@ def tracked_report(pert: Any) -> ValidationReport:
     scale = float(base.abs().amax())
     layer = pert.base.reshape(base.shape).to(pert.dtype)
     figures = {"base_rounding": float((layer - base).abs().amax()) / scale}
-    tolerances = {"inverse_error": 1e-6, "logabsdet_error": 1e-6}
+    tolerance = bookkeeping_tolerance(pert.dtype, base.shape[-1])
+    tolerances = {"inverse_error": tolerance, "logabsdet_error": tolerance}
     tolerances["base_rounding"] = 2 * torch.finfo(pert.base.dtype).eps
     if bool((ref_sign == 0).any()) or not bool(torch.isfinite(ref_logabsdet).all()):
         figures.update(inverse_error=math.inf, logabsdet_error=math.inf)

@@ -10,6 +10,7 @@ from p4opt import linalg
 from p4opt._typing import Tensor
 from p4opt.errors import SingularMatrixError
 from p4opt.families.invertible import Invertible
+from p4opt.families.invertible_queries import bookkeeping_tolerance
 from p4opt.perturbation import Proposal, ValidationReport
 
 __all__ = ["SpecialLinear"]
@@ -147,7 +148,9 @@ class SpecialLinear(Invertible):
         w = wide * torch.exp(-super().logabsdet() / n)[..., None, None]
         layer = self.base.reshape(base.shape).to(self.dtype)
         figures = {"base_rounding": float((layer - base).abs().amax() / base.abs().amax())}
-        tolerances = {"logdet_error": 1e-10, "inverse_error": 1e-6}
+        tolerance = bookkeeping_tolerance(self.dtype, n)
+        tolerances = {"logdet_error": max(1e-10, 10 * n * torch.finfo(self.dtype).eps),
+                      "inverse_error": tolerance}
         tolerances["base_rounding"] = 2 * torch.finfo(self.base.dtype).eps
         if not bool((sign > 0).all() & torch.isfinite(lad).all()):
             figures.update(logdet_error=math.inf, inverse_error=math.inf)
