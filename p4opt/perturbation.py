@@ -83,6 +83,9 @@ class Perturbation(Bound, abc.ABC):
     reset_optimizer_state: ClassVar[bool] = True
     #: Trailing dimensions forming one element of a stack (``None``: the whole tensor).
     element_ndim: ClassVar[int | None] = None
+    #: Whether :meth:`propose` itself refuses, per element with ``Reason.NON_FINITE_UPDATE``,
+    #: trainable tensors that are not finite; :meth:`merge` then skips its own pass over them.
+    proposes_finite_only: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -165,7 +168,7 @@ class Perturbation(Bound, abc.ABC):
         self._updates_since_merge = 0
         self._last_grads = grads or {}
         shape = self._stack_shape()
-        nonfinite = self._nonfinite_update(shape)
+        nonfinite = None if self.proposes_finite_only else self._nonfinite_update(shape)
         all_finite = nonfinite is None
         proposal = self.propose() if all_finite or not bool(nonfinite.all()) else Proposal()
         if all_finite and _folds_whole(proposal):

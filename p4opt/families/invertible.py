@@ -121,6 +121,8 @@ class Invertible(TrackedInverse, Perturbation):
     """
 
     reset_optimizer_state: ClassVar[bool] = False
+    #: low_rank_check refuses non-finite factors element by element
+    proposes_finite_only: ClassVar[bool] = True
     precise_buffers: ClassVar[tuple[str, ...]] = (
         "inv",
         "precise_base",
@@ -267,6 +269,7 @@ class Invertible(TrackedInverse, Perturbation):
         if check.all_pass or not bool(check.codes.ne(0).any()):  # the whole update folds
             return Proposal(figures=self._figures(check), data=(u, v, check))
         scale = torch.ones(check.codes.shape, dtype=torch.float64, device=u.device)
+        u = u.to(self.dtype)  # the whole change comes in the layer's dtype
         scalable = torch.isin(check.codes, torch.tensor(SCALABLE, device=u.device))
         cut = torch.where(scalable, check.codes, 0)
         if bool(scalable.any()):

@@ -43,7 +43,8 @@ class UpdateRule(abc.ABC):
     @abc.abstractmethod
     def factors(self) -> tuple[Tensor, Tensor | None]:
         """The pending update as (U, V), shape (*, n, k), in the bookkeeping dtype; ``V`` is
-        ``None`` for the identity (``U`` is then the whole change, (*, n, n))."""
+        ``None`` for the identity (``U`` is then the whole change, (*, n, n), in the layer's
+        dtype: the merge adds it to the float64 base without a float64 copy)."""
 
     @abc.abstractmethod
     def restart(self, mask: Tensor, folded: bool) -> None:
@@ -189,7 +190,7 @@ class Projected(UpdateRule):
         delta = pert.delta.detach()
         n = delta.shape[-1]
         if pert.rank >= n:  # the whole change, exactly (V = I)
-            return delta.to(pert.dtype), None
+            return delta, None
         # a fresh Gaussian start at every merge (in the layer's dtype): measured faster to
         # converge than warm starts, which keep folding the same leading directions
         shape = (*delta.shape[:-1], pert.rank)

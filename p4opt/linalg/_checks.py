@@ -7,6 +7,7 @@ checks that can, and stack them into one test.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -73,11 +74,17 @@ def _condition_exceeds(
 def _slogdet_lu(factors: Tensor, pivots: Tensor) -> tuple[Tensor, Tensor]:
     """Sign and log|det| from an LU factorization (as :func:`torch.linalg.slogdet`)."""
     diagonal = factors.diagonal(dim1=-2, dim2=-1)
-    k = diagonal.shape[-1]
-    order = torch.arange(1, k + 1, dtype=pivots.dtype, device=pivots.device)
-    swaps = (pivots != order).sum(-1)
-    sign = diagonal.sign().prod(-1) * (1 - 2 * (swaps % 2)).to(diagonal.dtype)
+    swapped = pivots != _positions(diagonal.shape[-1], pivots.dtype, pivots.device)
+    # each row swap flips the sign: fold them in as -1 factors of the diagonal's sign product
+    flips = torch.where(swapped, -1.0, 1.0).to(diagonal.dtype)
+    sign = torch.cat([diagonal.sign(), flips], -1).prod(-1)
     return sign, diagonal.abs().log().sum(-1)
+
+
+@functools.lru_cache(maxsize=16)
+def _positions(k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """1, ..., k: LAPACK's pivots of an LU without row swaps (shared, read-only)."""
+    return torch.arange(1, k + 1, dtype=dtype, device=device)
 
 
 def _outside(x: Tensor, bounds: Bounds, shift: Tensor | None = None) -> Tensor | None:

@@ -303,7 +303,9 @@ def low_rank_fold_(
         if full:
             if check.correction is not None:  # else the caller keeps check.factorization
                 inv.copy_(check.correction)
-            matrix.add_(u.to(matrix.dtype))
+            if torch.promote_types(u.dtype, matrix.dtype) != matrix.dtype:
+                u = u.to(matrix.dtype)
+            matrix.add_(u)  # a lower-precision change is promoted in the sum, without a copy
         else:
             _addmm_(inv, check.inv_u, check.correction, alpha=-1.0)
             _addmm_(matrix, u.to(matrix.dtype), v.mT.to(matrix.dtype))
