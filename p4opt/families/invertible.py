@@ -13,7 +13,14 @@ from p4opt._validate import check_bounds, check_choice, check_dtype, check_int, 
 from p4opt.errors import P4ValueError, ShapeError
 from p4opt.families import square
 from p4opt.families.invertible_queries import TrackedInverse, tracked_report
-from p4opt.families.invertible_updates import EntryBounds, Factored, Projected, UpdateRule
+from p4opt.families.invertible_updates import (
+    EntryBounds,
+    Factored,
+    Projected,
+    UpdateRule,
+    default_rank,
+)
+from p4opt.families.precise_master import PreciseMaster
 from p4opt.linalg import merge as lowrank
 from p4opt.linalg.partial import SCALABLE, feasible_scale
 from p4opt.perturbation import Perturbation, Proposal, ValidationReport
@@ -23,24 +30,7 @@ __all__ = ["Invertible", "default_rank"]
 Bounds = tuple[float, float]
 
 
-def default_rank(n: int) -> int:
-    r"""Default rank of :class:`Invertible`'s merged updates for matrices of size ``n``: ``n``.
-
-    The whole change: the merge folds the optimizer's whole step, so the layer takes exactly
-    a dense weight's steps, at an :math:`O(n^3)` merge (a float64 LU of :math:`A + \Delta`,
-    the inverse solved from it only when read) that costs less per step than rank ``n/4``'s
-    eight :math:`O(n^2 k)` products at every size measured, 64 to 2048 (measurements: "How
-    fast invertible weights learn"). Lower ranks remain available (``Invertible(rank=k)``).
-
-    Examples
-    --------
-    >>> [default_rank(n) for n in (2, 64, 1024)]
-    [2, 64, 1024]
-    """
-    return n
-
-
-class Invertible(TrackedInverse, Perturbation):
+class Invertible(PreciseMaster, TrackedInverse, Perturbation):
     r"""Invertible square matrices with an exactly tracked inverse and log-determinant (P⁴Inv).
 
     The base :math:`A` keeps :math:`A^{-1}` and :math:`\log|\det A|` with its sign in
@@ -245,14 +235,6 @@ class Invertible(TrackedInverse, Perturbation):
     def _stack_shape(self) -> torch.Size:
         return self._inverse_shape[:-2]
 
-    def _matrix(self) -> Tensor:
-        """The base matrix :math:`A` at bookkeeping precision, shape (*, n, n)."""
-        self._sync_dtype()
-        if self.precise_base is not None:
-            return self.precise_base
-        base = self.base
-        return base.reshape(self._inverse_shape) if self._conv else base
-
     # ------------------------------------------------------------------ merging
     def propose(self) -> Proposal:
         """Check the rank-k update of every matrix; scale back those outside the bounds."""
@@ -297,7 +279,7 @@ class Invertible(TrackedInverse, Perturbation):
         matrix = self._matrix()
         deferred = check.factorization is not None  # every element folds: keep the LU factors
         inv = self._buffers["inv"] if deferred else self.inv
-        lowrank.low_rank_fold_(matrix, inv, self.sign_base, self.logabsdet_base, u, v, check)
+        linalg.low_rank_fold_(matrix, inv, self.sign_base, self.logabsdet_base, u, v, check)
         if deferred:
             self._defer_inverse(*check.factorization)  # type: ignore[misc]
         if matrix is self.precise_base:  # round the float64 master into the layer
@@ -333,22 +315,6 @@ class Invertible(TrackedInverse, Perturbation):
             self.sign_base.copy_(sign)
             self.logabsdet_base.copy_(logabsdet)
         return {"inverse_residual": residual}
-
-    def dtype_changed(self, old: torch.dtype, new: torch.dtype) -> None:
-        if new == self.dtype and self.precise_base is not None:
-            with torch.no_grad():
-                self.base.copy_(self._as_weight(self.precise_base))
-            self.precise_base = None
-
-    def _apply(self, fn: Any, recurse: bool = True) -> Invertible:
-        self._settle_inverse()  # the move takes the buffer, not the pending factors
-        # leaving the bookkeeping dtype: keep the exact base as the master copy first
-        if self.is_registered and "inv" in self._buffers and self.precise_base is None:
-            probe = fn(torch.empty(0, dtype=self.dtype))
-            base = self.base
-            if probe.dtype != self.dtype and base.device.type != "meta":
-                self.precise_base = self._matrix().detach().clone()
-        return super()._apply(fn, recurse)  # type: ignore[return-value]
 
     @torch.no_grad()
     def validate(self) -> ValidationReport:

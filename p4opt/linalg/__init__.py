@@ -17,6 +17,7 @@ Modules: :mod:`~p4opt.linalg.lowrank` (Woodbury, determinant lemma),
 
 from __future__ import annotations
 
+from p4opt.linalg.fold import low_rank_fold_, low_rank_merge_
 from p4opt.linalg.givens import (
     givens_apply,
     givens_layers_apply,
@@ -25,13 +26,7 @@ from p4opt.linalg.givens import (
 )
 from p4opt.linalg.householder import householder_apply, householder_wy, householder_wy_inverse
 from p4opt.linalg.lowrank import capacitance, lemma_slogdet, woodbury_inverse, woodbury_solve
-from p4opt.linalg.merge import (
-    MERGE_REJECTIONS,
-    LowRankCheck,
-    low_rank_check,
-    low_rank_fold_,
-    low_rank_merge_,
-)
+from p4opt.linalg.merge import MERGE_REJECTIONS, LowRankCheck, low_rank_check
 from p4opt.linalg.metrics import (
     condition_estimate,
     orthogonality_error,
