@@ -307,7 +307,7 @@ def test_bookkeeping_stays_exact_over_ten_thousand_partial_merges():
 
 
 def test_entry_bounds_are_carried_only_while_the_tensors_are_untouched():
-    from p4opt.families.invertible_updates import EntryBounds
+    from p4opt.families.entry_bounds import EntryBounds
 
     a, inv = torch.eye(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64)
     bounds = (torch.tensor(2.0), torch.tensor(3.0))

@@ -12,9 +12,9 @@ from p4opt._typing import Tensor
 from p4opt._validate import check_bounds, check_choice, check_dtype, check_int, check_number
 from p4opt.errors import P4ValueError, ShapeError
 from p4opt.families import square
+from p4opt.families.entry_bounds import EntryBounds
 from p4opt.families.invertible_queries import TrackedInverse, tracked_report
 from p4opt.families.invertible_updates import (
-    EntryBounds,
     Factored,
     Projected,
     UpdateRule,
