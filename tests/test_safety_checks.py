@@ -176,6 +176,25 @@ def test_an_update_that_would_overflow_the_float32_layer_is_rejected_as_non_fini
     assert torch.equal(lin.parametrizations.weight.original, base)
 
 
+def test_a_whole_step_that_would_overflow_the_float32_layer_is_rejected_as_non_finite():
+    holder = torch.nn.Module()
+    holder.weight = torch.nn.Parameter(2e38 * torch.eye(4))  # float32, well conditioned
+    pert = p4opt.register(holder, "weight", p4opt.Invertible())  # rank n: the whole step
+    base = holder.parametrizations.weight.original.clone()
+    master, inv = pert.precise_base.clone(), pert.inv.clone()
+    with torch.no_grad():
+        pert.delta[0, 0] = 2e38  # finite in float32, but A + Delta is 4e38
+    result = pert.merge()
+    assert result.reason == Reason.NON_FINITE_RESULT and result.rejected == 1
+    assert torch.equal(holder.parametrizations.weight.original, base)
+    assert torch.equal(pert.precise_base, master) and torch.equal(pert.inv, inv)
+    with torch.no_grad():
+        pert.delta[0, 0] = 1e38  # 3e38 fits: folds, and the layer gets the rounded sum
+    assert pert.merge().accepted
+    assert float(holder.parametrizations.weight.original[0, 0]) == float(torch.tensor(3e38))
+    assert pert.validate().ok
+
+
 def test_the_check_codes_are_int64_reason_positions():
     from p4opt.linalg.merge import low_rank_check
 

@@ -283,7 +283,7 @@ class Invertible(PreciseMaster, TrackedInverse, Perturbation):
         if deferred:
             self._defer_inverse(*check.factorization)  # type: ignore[misc]
         if matrix is self.precise_base:  # round the float64 master into the layer
-            self.base.copy_(self._as_weight(matrix))
+            self.base.copy_(self._as_weight(matrix if check.rounded is None else check.rounded))
         if check.entry_bounds is not None and v is not None:
             self._bounds.put(matrix, inv, check.entry_bounds)
         if proposal.scale is None:

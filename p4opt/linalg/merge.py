@@ -61,6 +61,9 @@ class LowRankCheck:
     #: ``torch.linalg.lu_factor``) when ``correction`` was left out: ``lu_solve`` with
     #: ``adjoint=True`` applies :math:`(A + \Delta)^{-1}`, without it :math:`(A + \Delta)^{-T}`.
     factorization: tuple[Tensor, Tensor] | None = None
+    #: With ``factorization``: :math:`A + \Delta` rounded into ``out_dtype`` (checked finite),
+    #: or ``None`` when ``out_dtype`` is the bookkeeping dtype.
+    rounded: Tensor | None = None
 
 
 def low_rank_check(
@@ -204,21 +207,32 @@ def _whole_change_check(
     inverse: bool = True,
 ) -> LowRankCheck:
     r""":func:`low_rank_check` for ``v=None``: factorize :math:`A + \Delta`; :math:`O(n^3)`."""
-    out_max = torch.finfo(out_dtype or matrix.dtype).max
     merged = matrix + delta
-    mat_bound = _max_abs(merged)  # NaN or inf when delta has a non-finite entry
-    factors, pivots = _factorize_transpose_(merged)
-    new_sign, new_logabsdet = _slogdet_lu(factors, pivots)
-    change = new_logabsdet - logabsdet
-    if not inverse:  # the usual case in one test: everything finite and inside the bounds
-        ok = torch.isfinite(new_logabsdet) & (mat_bound < out_max)
+    rounded = None
+    if inverse:
+        mat_bound = _max_abs(merged)
+    else:  # the usual case first, in one test: everything finite and inside the bounds
+        if out_dtype is not None and out_dtype != merged.dtype:
+            # the fold copies this rounding into the layer; a finite sum shows it did not
+            # overflow (a non-finite delta shows here too; a large finite sum only falls
+            # back to the exact checks below)
+            rounded = merged.to(out_dtype)
+            ok = torch.isfinite(rounded.sum((-2, -1)))
+        else:  # no rounding: a non-finite entry makes log|det| non-finite
+            ok = torch.ones((), dtype=torch.bool, device=merged.device)
+        factors, pivots = _factorize_transpose_(merged)
+        new_sign, new_logabsdet = _slogdet_lu(factors, pivots)
+        change = new_logabsdet - logabsdet
+        ok = ok & torch.isfinite(new_logabsdet)
         for x, (lo, hi) in ((change, update_bounds), (new_logabsdet, logdet_bounds)):
             if math.isfinite(lo) or math.isfinite(hi):
                 ok &= (x >= lo) & (x <= hi)
         if bool(ok.all()):
             zeros = torch.zeros(new_sign.shape, dtype=torch.long, device=matrix.device)
             return LowRankCheck(zeros, None, None, new_sign * sign, change, None, True,
-                                (factors, pivots))
+                                (factors, pivots), rounded)
+        merged = matrix + delta  # the factorization overwrote it
+        mat_bound = _max_abs(merged)
     finite = torch.isfinite(delta.sum((-2, -1)))
     all_finite = bool(finite.all())
     if not all_finite:
@@ -228,9 +242,9 @@ def _whole_change_check(
         delta = torch.where(finite[..., None, None], delta, 0)
         merged = matrix + delta
         mat_bound = _max_abs(merged)
-        factors, pivots = _factorize_transpose_(merged)
-        new_sign, new_logabsdet = _slogdet_lu(factors, pivots)
-        change = new_logabsdet - logabsdet
+    factors, pivots = _factorize_transpose_(merged)
+    new_sign, new_logabsdet = _slogdet_lu(factors, pivots)
+    change = new_logabsdet - logabsdet
     checks = [
         None if all_finite else ~finite,
         ~torch.isfinite(new_logabsdet),  # -inf for a singular A + Delta, NaN for a non-finite one
