@@ -241,6 +241,18 @@ def test_skip_nonfinite_keeps_the_moments_of_ordinary_parameters_clean():
     assert torch.isfinite(opt.state[lin.bias]["exp_avg"]).all() and pert.validate().ok
 
 
+def test_skip_nonfinite_steps_with_huge_finite_gradients():
+    w = torch.nn.Parameter(torch.zeros(4))
+    with pytest.warns(UserWarning, match="no p4opt perturbation"):
+        opt = p4opt.P4Optimizer(torch.optim.SGD([w], lr=1e-40), skip_nonfinite=True)
+    w.grad = torch.tensor([3e38, 3e38, 0.0, 0.0])  # finite entries whose float32 sum is inf
+    opt.step()
+    assert opt.stats["steps_skipped"] == 0 and w[0] < 0
+    w.grad = torch.tensor([1.0, math.inf, 0.0, 0.0])
+    opt.step()
+    assert opt.stats["steps_skipped"] == 1
+
+
 # ----------------------------------------------------------------------- 11. safetensors
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_state_dict_entry_is_a_tensor_and_safetensors_round_trips(family):

@@ -212,18 +212,19 @@ def _whole_change_check(
     if inverse:
         mat_bound = _max_abs(merged)
     else:  # the usual case first, in one test: everything finite and inside the bounds
+        total = None
         if out_dtype is not None and out_dtype != merged.dtype:
             # the fold copies this rounding into the layer; a finite sum shows it did not
             # overflow (a non-finite delta shows here too; a large finite sum only falls
             # back to the exact checks below)
             rounded = merged.to(out_dtype)
-            ok = torch.isfinite(rounded.sum((-2, -1)))
-        else:  # no rounding: a non-finite entry makes log|det| non-finite
-            ok = torch.ones((), dtype=torch.bool, device=merged.device)
+            total = rounded.sum((-2, -1))
         factors, pivots = _factorize_transpose_(merged)
         new_sign, new_logabsdet = _slogdet_lu(factors, pivots)
         change = new_logabsdet - logabsdet
-        ok = ok & torch.isfinite(new_logabsdet)
+        # one test for both: the sum is finite iff both terms are (non-finite merged entries
+        # also make log|det| non-finite)
+        ok = torch.isfinite(new_logabsdet if total is None else total + new_logabsdet)
         for x, (lo, hi) in ((change, update_bounds), (new_logabsdet, logdet_bounds)):
             if math.isfinite(lo) or math.isfinite(hi):
                 ok &= (x >= lo) & (x <= hi)
