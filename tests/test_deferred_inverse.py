@@ -86,6 +86,10 @@ def test_state_dict_holds_the_solved_inverse_and_loading_replaces_the_pending_on
     assert third._inverse_pending
     third.load_state_dict(pert.state_dict())
     assert torch.equal(third.inv, pert.inv)
+    _, fourth = _trained(steps=2)  # an assigned buffer replaces the pending inverse too
+    assert fourth._inverse_pending
+    fourth.inv = pert.inv.clone()
+    assert torch.equal(fourth.inv, pert.inv)
 
 
 def test_moves_copies_and_pickles_keep_an_exact_inverse():

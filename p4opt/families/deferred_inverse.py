@@ -48,6 +48,11 @@ class DeferredInverse:
             self._settle_inverse()
         return super().__getattr__(name)  # type: ignore[misc]
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "inv":  # an assigned inverse replaces the pending one
+            self.__dict__["_pending_lu"] = None
+        super().__setattr__(name, value)  # type: ignore[misc]
+
     @property
     def _inverse_shape(self) -> torch.Size:
         """Shape of ``inv`` (*, n, n), known without solving for a pending inverse."""
