@@ -266,11 +266,15 @@ def _factorize_transpose_(merged: Tensor) -> tuple[Tensor, Tensor]:
 
     LAPACK factorizes column-major storage, which the transpose of a row-major matrix is, so
     no copy is made; :math:`\det A^T = \det A`, and solves with the factors take
-    ``adjoint=True`` to apply :math:`A^{-1}`.
+    ``adjoint=True`` to apply :math:`A^{-1}`. A backend that refuses the in-place form gets
+    the usual factorization of a copy.
     """
-    factors, pivots, _ = torch.linalg.lu_factor_ex(merged.mT, out=(
-        merged.mT,
-        torch.empty(merged.shape[:-1], dtype=torch.int32, device=merged.device),
-        torch.empty(merged.shape[:-2], dtype=torch.int32, device=merged.device),
-    ))
+    try:
+        factors, pivots, _ = torch.linalg.lu_factor_ex(merged.mT, out=(
+            merged.mT,
+            torch.empty(merged.shape[:-1], dtype=torch.int32, device=merged.device),
+            torch.empty(merged.shape[:-2], dtype=torch.int32, device=merged.device),
+        ))
+    except RuntimeError:  # pragma: no cover - CPU and CUDA take the in-place form
+        factors, pivots, _ = torch.linalg.lu_factor_ex(merged.mT)
     return factors, pivots
