@@ -19,6 +19,7 @@ Examples
 python benchmarks/invertible_speed.py --n 256 --seeds 3
 python benchmarks/invertible_speed.py --n 1024 --seeds 1 --cap 300 --lrs 1e-2 3e-2 \\
     --methods dense p4inv
+python benchmarks/invertible_speed.py --n 2048 --cost-only --methods dense p4inv rank-n4
 """
 
 from __future__ import annotations
@@ -112,8 +113,18 @@ def main() -> None:
                         help="learning-rate grid (default: %(default)s)")
     parser.add_argument("--methods", nargs="+", default=["dense", "p4inv", "lowmem"],
                         help="methods; dense must be one (default: %(default)s)")
+    parser.add_argument("--cost-only", action="store_true",
+                        help="time the steps only, every method at the first lr of --lrs "
+                             "(no runs to the target; for sizes where those take too long)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.cost_only:
+        cost = step_costs(args.methods, args.n, dict.fromkeys(args.methods, args.lrs[0]))
+        print("\n| n | method | lr | step cost/dense |")
+        print("|---|---|---|---|")
+        for method in args.methods:
+            print(f"| {args.n} | {method} | {args.lrs[0]:g} | {cost[method] / cost['dense']:.2f} |")
+        return
     best: dict[str, tuple[float, float]] = {}
     for method in args.methods:
         for lr in args.lrs:

@@ -61,3 +61,15 @@ def test_script_runs_at_its_smallest_settings(script: str, tmp_path: Path) -> No
                           env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip(), "the script printed nothing"
+
+
+def test_invertible_speed_times_steps_only_on_request(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = ["--n", "8", "--cost-only", "--lrs", "0.1", "--methods", "dense", "p4inv"]
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/invertible_speed.py"), *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 8 |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["dense", "p4inv"]
+    assert "steps=" not in done.stdout  # no runs to the target
