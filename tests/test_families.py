@@ -31,6 +31,9 @@ FAMILIES: dict[str, Callable[[], p4opt.Perturbation]] = {
     "orthogonal-stiefel-tall": lambda: p4opt.Orthogonal("householder", rank=4, seed=1),
     "orthogonal-stiefel-wide": lambda: p4opt.Orthogonal("householder", rank=4, seed=1),
     "orthogonal-givens-stiefel": lambda: p4opt.Orthogonal("givens", seed=1),
+    "orthogonal-cayley": lambda: p4opt.Orthogonal("cayley", seed=1),
+    "orthogonal-cayley-stiefel": lambda: p4opt.Orthogonal("cayley", seed=1),
+    "orthogonal-cayley-stack": lambda: p4opt.Orthogonal("cayley", seed=1),
     "orthogonal-stack": lambda: p4opt.Orthogonal("householder", rank=4, seed=1),
     "positive-definite": lambda: p4opt.PositiveDefinite(seed=1),  # projected, rank n
     "positive-definite-factored": lambda: p4opt.PositiveDefinite(update="factored", rank=2, seed=1),
@@ -52,6 +55,8 @@ SHAPES: dict[str, tuple[int, ...]] = {
     "orthogonal-stiefel-tall": (N + 3, N),
     "orthogonal-stiefel-wide": (N - 2, N),
     "orthogonal-givens-stiefel": (N - 2, N),
+    "orthogonal-cayley-stiefel": (N + 3, N),
+    "orthogonal-cayley-stack": (3, N, N),
     "orthogonal-stack": (3, N, N),
 }
 OPTIMIZERS = {

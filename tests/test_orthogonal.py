@@ -152,7 +152,7 @@ def test_polar_factor_and_refinement():
 
 
 # --------------------------------------------------------------- the family
-@pytest.mark.parametrize("method", ["householder", "givens"])
+@pytest.mark.parametrize("method", ["householder", "givens", "cayley"])
 def test_merge_keeps_outputs_and_orthogonality(method):
     lin, pert = make_layer(12, method=method)
     g = torch.Generator().manual_seed(5)
@@ -168,7 +168,8 @@ def test_merge_keeps_outputs_and_orthogonality(method):
 @pytest.mark.parametrize(
     ("method", "dtype", "tol", "merges"),
     [("householder", F64, 1e-10, 2000), ("householder", torch.float32, 1e-5, 2000),
-     ("givens", F64, 1e-10, 2000), ("givens", torch.float32, 1e-5, 2000)],
+     ("givens", F64, 1e-10, 2000), ("givens", torch.float32, 1e-5, 2000),
+     ("cayley", F64, 1e-10, 2000), ("cayley", torch.float32, 1e-5, 2000)],
 )
 def test_orthogonality_after_many_merges(method, dtype, tol, merges):
     kwargs = {"rank": 4} if method == "householder" else {}
@@ -236,6 +237,7 @@ def test_gradcheck_householder_and_givens():
 @pytest.mark.parametrize(
     ("kwargs", "error"),
     [({"method": "qr"}, ValueError), ({"rank": 3}, ValueError), ({"rank": 0}, ValueError),
+     ({"method": "cayley", "rank": 4}, ValueError),
      ({"method": "givens", "rank": 0}, ValueError), ({"group": "U"}, ValueError),
      ({"correct_every": 0}, ValueError)],
 )
@@ -269,7 +271,7 @@ def test_state_dict_round_trip_and_device_move():
 
 
 @pytest.mark.parametrize("opt_name", ["sgd", "adam"])
-@pytest.mark.parametrize("method", ["householder", "givens"])
+@pytest.mark.parametrize("method", ["householder", "givens", "cayley"])
 def test_exact_resume_mid_cycle(opt_name, method):
     n = 8
     g = torch.Generator().manual_seed(11)
@@ -303,7 +305,8 @@ def test_exact_resume_mid_cycle(opt_name, method):
 # Givens with one layer of disjoint rotations re-paired at every merge (0.1) ends this problem
 # at a relative loss of 0.37-0.50 (lr 0.1-1); the default tournament of n - 1 layers gets to 1e-6
 @pytest.mark.parametrize(
-    ("method", "lr", "steps"), [("householder", 0.1, 150), ("givens", 0.3, 250)]
+    ("method", "lr", "steps"),
+    [("householder", 0.1, 150), ("givens", 0.3, 250), ("cayley", 0.03, 150)],
 )
 def test_procrustes_converges_at_n16(method, lr, steps):
     n = 16
@@ -313,7 +316,7 @@ def test_procrustes_converges_at_n16(method, lr, steps):
     lin = torch.nn.Linear(n, n, bias=False, dtype=F64)
     with torch.no_grad():
         lin.weight.copy_(torch.eye(n, dtype=F64))
-    p4opt.register(lin, "weight", p4opt.Orthogonal(method, seed=0))
+    pert = p4opt.register(lin, "weight", p4opt.Orthogonal(method, seed=0))
     opt = p4opt.P4Optimizer(torch.optim.Adam(lin.parameters(), lr=lr))
     for _ in range(steps):
         (lin(x) - y).square().sum().backward()
@@ -321,7 +324,7 @@ def test_procrustes_converges_at_n16(method, lr, steps):
         opt.zero_grad()
     rel = float((lin(x) - y).square().sum().detach() / y.square().sum())
     assert rel < 1e-6
-    assert opt.stats["merges_accepted"] == steps // p4opt.Orthogonal.default_merge_every
+    assert opt.stats["merges_accepted"] == steps // pert.default_merge_every
     assert float(lo.orthogonality_error(lin.weight.detach())) < 1e-12
 
 
@@ -414,7 +417,7 @@ def test_householder_backward_matches_autograd_of_the_explicit_product():
     assert (gx - x.grad).abs().max() < 1e-12 and (gw - w.grad).abs().max() < 1e-12
 
 
-@pytest.mark.parametrize("method", ["householder", "givens"])
+@pytest.mark.parametrize("method", ["householder", "givens", "cayley"])
 def test_autocast_bfloat16_runs_forward_and_backward(method):
     torch.manual_seed(0)
     lin = torch.nn.Linear(8, 8)
@@ -428,7 +431,9 @@ def test_autocast_bfloat16_runs_forward_and_backward(method):
     assert pert.validate().ok
 
 
-@pytest.mark.parametrize(("method", "name"), [("householder", "vectors"), ("givens", "angles")])
+@pytest.mark.parametrize(
+    ("method", "name"), [("householder", "vectors"), ("givens", "angles"), ("cayley", "skew")]
+)
 def test_torch_func_grad_matches_autograd(method, name):
     from torch.func import functional_call, grad
 
@@ -448,7 +453,7 @@ def test_torch_func_grad_matches_autograd(method, name):
     assert (via_func - getattr(pert, name).grad).abs().max() < 1e-12
 
 
-@pytest.mark.parametrize("method", ["householder", "givens"])
+@pytest.mark.parametrize("method", ["householder", "givens", "cayley"])
 def test_one_by_one_weights_are_plus_or_minus_one(method):
     lin = torch.nn.Linear(1, 1, bias=False, dtype=F64)
     with torch.no_grad():
@@ -463,14 +468,14 @@ def test_one_by_one_weights_are_plus_or_minus_one(method):
     assert float(lin.weight.detach().abs()) == 1.0 and pert.validate().ok
 
 
-def test_large_learning_rates_converge_with_merges():
+def test_large_learning_rates_converge_with_merges(method="householder"):
     # Adam(lr=1, amsgrad=True), as in geoopt's Stiefel tests; restarts keep the pairs' length
     torch.manual_seed(0)
     target = torch.linalg.qr(torch.randn(10, 10, dtype=F64))[0]
     if torch.linalg.det(target) < 0:
         target[:, 0] *= -1
     lin = torch.nn.Linear(10, 10, bias=False, dtype=F64)
-    pert = p4opt.register(lin, "weight", p4opt.Orthogonal(seed=0))
+    pert = p4opt.register(lin, "weight", p4opt.Orthogonal(method, seed=0))
     opt = p4opt.P4Optimizer(torch.optim.Adam(lin.parameters(), lr=1.0, amsgrad=True))
     first = float((lin.weight - target).square().sum().detach())
     for _ in range(300):
@@ -483,7 +488,8 @@ def test_large_learning_rates_converge_with_merges():
 
 @pytest.mark.parametrize(
     ("method", "every", "warns"),
-    [("householder", 1, True), ("householder", 7, False), ("givens", 1, False)],
+    [("householder", 1, True), ("householder", 7, False), ("givens", 1, False),
+     ("cayley", 1, False)],
 )
 def test_merging_householder_pairs_after_every_step_warns_once(method, every, warns):
     # measured: Householder pairs restarted after every step never reach the Procrustes target
@@ -498,3 +504,81 @@ def test_merging_householder_pairs_after_every_step_warns_once(method, every, wa
             opt.zero_grad()
     hits = [w for w in caught if "stops learning when merged more often" in str(w.message)]
     assert len(hits) == (1 if warns else 0)
+
+
+# ------------------------------------------------------------------ Cayley
+@pytest.mark.parametrize("shape", [(5, 5), (3, 6, 6)])
+def test_cayley_rotation_is_special_orthogonal_and_passes_gradcheck(shape):
+    g = torch.Generator().manual_seed(21)
+    gen = torch.randn(shape, generator=g, dtype=F64, requires_grad=True)
+    x = torch.randn(*shape[:-2], 4, shape[-1], generator=g, dtype=F64, requires_grad=True)
+    eye = torch.eye(shape[-1], dtype=F64).expand(shape)
+    q = lo.cayley_apply(eye, gen.detach())
+    assert float(lo.orthogonality_error(q).amax()) < 1e-14
+    assert torch.allclose(torch.linalg.det(q), torch.ones((), dtype=F64))
+    assert torch.allclose(lo.cayley_apply(x.detach(), gen.detach()), x.detach() @ q)
+    assert torch.autograd.gradcheck(lo.cayley_apply, (x, gen))
+
+
+@pytest.mark.parametrize("shape", [(6, 6), (2, 6, 6)])
+def test_cayley_at_zero_has_the_exact_gradient_at_zero(shape):
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(*shape[:-2], 5, shape[-1], generator=g, dtype=F64)
+    c = torch.randn(x.shape, generator=g, dtype=F64)
+    grads = []
+    for fn in (lo.cayley_apply, lo.cayley_apply_at_zero):
+        gen = torch.zeros(shape, dtype=F64, requires_grad=True)
+        xx = x.clone().requires_grad_()
+        out = fn(xx, gen)
+        assert torch.allclose(out.detach(), x, rtol=0, atol=1e-15)
+        (out * c).sum().backward()
+        grads.append((gen.grad, xx.grad))
+    (g_exact, x_exact), (g_fast, x_fast) = grads
+    assert (g_exact - g_fast).abs().max() < 1e-13 and (x_exact - x_fast).abs().max() < 1e-13
+    out = lo.cayley_apply_at_zero(x, torch.zeros(shape, dtype=F64))
+    out.add_(1.0)  # a copy, never a view of x
+    assert not torch.equal(out, x)
+
+
+def test_cayley_forward_skips_the_solve_between_merges(monkeypatch):
+    lin, pert = make_layer(8, method="cayley")
+    calls = []
+    solve = torch.linalg.solve
+    monkeypatch.setattr(torch.linalg, "solve", lambda *a, **k: calls.append(1) or solve(*a, **k))
+    opt = p4opt.P4Optimizer(torch.optim.Adam(lin.parameters(), lr=1e-2))
+    x = torch.randn(4, 8, dtype=F64)
+    for _ in range(5):
+        lin(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert len(calls) == 5 and opt.stats["merges_accepted"] == 5  # one solve per merge
+    assert float(pert.skew.detach().abs().max()) == 0.0
+
+
+def test_cayley_follows_updates_written_through_data():
+    # an optimizer that writes param.data bypasses the version counter; the layer and the merge
+    # must still see the update (the zero test reads the values)
+    lin, pert = make_layer(6, method="cayley")
+    x = torch.randn(3, 6, dtype=F64)
+    before = lin(x).detach()
+    pert.skew.data.add_(0.1 * torch.randn(6, 6, dtype=F64))
+    moved = lin(x).detach()
+    assert (moved - before).abs().max() > 1e-3
+    assert pert.merge().accepted
+    assert (lin(x) - moved).abs().max() < 1e-13 and pert.validate().ok
+
+
+def test_cayley_torch_func_grad_at_zero_matches_autograd():
+    from torch.func import functional_call, grad
+
+    lin, pert = make_layer(6, method="cayley")
+    params = dict(lin.named_parameters())
+    x = torch.randn(4, 6, dtype=F64)
+
+    def loss(p: dict) -> torch.Tensor:
+        return functional_call(lin, p, (x,)).square().sum()
+
+    via_func = grad(loss)(params)["parametrizations.weight.0.skew"]
+    loss(params).backward()
+    assert float(via_func.abs().max()) > 0
+    assert (via_func - pert.skew.grad).abs().max() < 1e-12

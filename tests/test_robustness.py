@@ -27,6 +27,7 @@ FAMILIES = {
     "invertible-factored": lambda: p4opt.Invertible(update="factored", rank=2, seed=1),
     "orthogonal": lambda: p4opt.Orthogonal(rank=4, seed=1),
     "givens": lambda: p4opt.Orthogonal("givens", seed=1),
+    "cayley": lambda: p4opt.Orthogonal("cayley", seed=1),
     "symmetric": lambda: p4opt.Symmetric(),
     "zerosum": lambda: p4opt.ZeroSum(dim=0, value=1.0),
 }

@@ -264,7 +264,7 @@ def test_bookkeeping_after_partial_merges_matches_dense_algebra():
 
 
 # ------------------------------------------------------------------ corrections and projections
-@pytest.mark.parametrize("method", ["householder", "givens"])
+@pytest.mark.parametrize("method", ["householder", "givens", "cayley"])
 def test_orthogonal_correction_after_correct_every_merges_removes_float32_drift(method):
     lin, pert = _identity_layer(
         p4opt.Orthogonal(method, rank=4 if method == "householder" else None, correct_every=5,

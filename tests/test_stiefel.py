@@ -76,7 +76,7 @@ def test_rectangular_reaches_every_stiefel_point(shape):
     assert losses[-1] < 1e-5 * losses[0]
 
 
-@pytest.mark.parametrize("method", ["householder", "givens"])
+@pytest.mark.parametrize("method", ["householder", "givens", "cayley"])
 @pytest.mark.parametrize("shape", [(9, 4), (4, 9), (3, 6, 6)])
 def test_merge_leaves_the_output_unchanged(shape, method):
     if len(shape) > 2 and method == "givens":

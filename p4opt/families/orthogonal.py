@@ -16,7 +16,7 @@ from p4opt.perturbation import Perturbation, Proposal, ValidationReport
 
 __all__ = ["Orthogonal", "default_rank"]
 
-Method = Literal["householder", "givens"]
+Method = Literal["householder", "givens", "cayley"]
 Group = Literal["SO", "O"]
 
 
@@ -126,11 +126,12 @@ class Orthogonal(Perturbation):
         self._group = None if group is None else check_choice("group", group, ("SO", "O"))
         self.init_scale = check_number("init_scale", init_scale, positive=True)
         self.strategy: Rotation = METHODS[method](self, rank)
+        self.default_merge_every = self.strategy.merge_every
 
     @property
     def min_merge_every(self) -> int:  # type: ignore[override]
         """Householder pairs restarted after every step stop learning (measured; see the docs)."""
-        return 3 if self.method == "householder" else 1
+        return self.strategy.min_merge_every
 
     @property
     def rank(self) -> int | None:

@@ -10,13 +10,15 @@ Modules: :mod:`~p4opt.linalg.lowrank` (Woodbury, determinant lemma),
 :mod:`~p4opt.linalg.merge` (validated and partial low-rank merges),
 :mod:`~p4opt.linalg.sketch` (randomized range finder),
 :mod:`~p4opt.linalg.refine` (Schulz-type refinement of inverses and polar factors),
-:mod:`~p4opt.linalg.householder` (compact WY reflections), :mod:`~p4opt.linalg.givens`
+:mod:`~p4opt.linalg.householder` (compact WY reflections),
+:mod:`~p4opt.linalg.cayley` (Cayley rotations), :mod:`~p4opt.linalg.givens`
 (rotations), :mod:`~p4opt.linalg.metrics` (error figures, sum-to-zero basis) and
 :mod:`~p4opt.linalg.random` (Haar sampling).
 """
 
 from __future__ import annotations
 
+from p4opt.linalg.cayley import cayley_apply, cayley_apply_at_zero
 from p4opt.linalg.fold import low_rank_fold_, low_rank_merge_
 from p4opt.linalg.givens import (
     givens_apply,
@@ -69,6 +71,8 @@ __all__ = [
     "householder_wy",
     "householder_wy_inverse",
     "householder_apply",
+    "cayley_apply",
+    "cayley_apply_at_zero",
     "givens_apply",
     "givens_layers_apply",
     "round_robin",

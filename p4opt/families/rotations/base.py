@@ -29,6 +29,10 @@ class Rotation(abc.ABC):
 
     #: Whether the strategy serves stacks of matrices (one rotation per element).
     stacks: ClassVar[bool] = False
+    #: Steps between merges when ``P4Optimizer`` is given none (``Orthogonal.default_merge_every``).
+    merge_every: ClassVar[int] = 7
+    #: Fewest steps between merges with which the strategy was measured to learn.
+    min_merge_every: ClassVar[int] = 1
 
     def __init__(self, pert: Orthogonal, rank: int | None) -> None:
         self.pert = pert

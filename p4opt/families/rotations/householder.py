@@ -58,6 +58,9 @@ class Householder(Rotation):
     """
 
     stacks: ClassVar[bool] = True
+    #: restarting the pairs after every step leaves Adam's moments pointing along the previous
+    #: step's directions and the layer stops learning (measured; see the Orthogonal page)
+    min_merge_every: ClassVar[int] = 3
 
     def __init__(self, pert, rank):  # type: ignore[no-untyped-def]
         if rank is not None:

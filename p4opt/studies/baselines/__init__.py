@@ -84,6 +84,15 @@ METHODS: tuple[Method, ...] = (
         description="P⁴ Orthogonal, Householder reflections, Adam",
     ),
     Method(
+        "p4-cayley",
+        "orthogonal",
+        partial(P4Weight, family="Orthogonal", method="cayley"),
+        (1e-2, 3e-2, 1e-1),
+        requires=("p4opt:Orthogonal",),
+        p4=True,
+        description="P⁴ Orthogonal, Cayley generator merged every step, Adam",
+    ),
+    Method(
         "p4-givens",
         "orthogonal",
         partial(P4Weight, family="Orthogonal", method="givens"),

@@ -1,0 +1,73 @@
+"""Cayley strategy: a dense skew-symmetric generator, merged after every step."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from p4opt import linalg as rotations
+from p4opt._typing import Tensor
+from p4opt.errors import P4ValueError
+from p4opt.families.rotations.base import Rotation
+
+__all__ = ["Cayley"]
+
+
+class Cayley(Rotation):
+    r""":math:`G = (I + S/2)(I - S/2)^{-1}`, :math:`S = X - X^T`, :math:`X` trainable (n, n).
+
+    Every direction of :math:`SO(n)` at once, the whole tangent space: the optimizer updates
+    the generator :math:`X` (restarted at zero) as it would update a dense weight, and the
+    merge after the step folds the exact rotation into the base. Between merges the generator
+    is zero, so the layer's forward pass is the base itself and the backward pass costs one
+    product (:func:`~p4opt.linalg.cayley_apply_at_zero`, the exact gradient at zero); the
+    :math:`O(n^3)` LU solve runs once per merge, in float64. A generator that is not zero
+    (merges less often than every step, an update left pending) goes through the LU solve
+    (:func:`~p4opt.linalg.cayley_apply`) in the forward pass as well.
+
+    Whether the generator is zero is tested on its values (one reduction), so an optimizer
+    that writes ``param.data`` directly is followed as exactly as any other.
+
+    A stack (*, n, p) has one generator per element: ``skew`` has shape (*, n, n), with
+    :math:`n` the long side.
+    """
+
+    stacks: ClassVar[bool] = True
+    merge_every: ClassVar[int] = 1
+    min_merge_every: ClassVar[int] = 1
+
+    def __init__(self, pert, rank):  # type: ignore[no-untyped-def]
+        if rank is not None:
+            raise P4ValueError(
+                f"method='cayley' has no rank (its generator is a dense n × n matrix), got "
+                f"rank={rank!r}: leave rank out"
+            )
+        super().__init__(pert, rank)
+
+    def create(self, like: Tensor, n: int) -> None:
+        pert = self.pert
+        if "skew" not in pert._parameters:
+            shape = (*like.shape[:-2], n, n)
+            pert.skew = nn.Parameter(torch.zeros(shape, dtype=like.dtype, device=like.device))
+
+    @torch.no_grad()
+    def identity(self, mask: Tensor | None = None) -> None:
+        skew = self.pert.skew
+        if mask is None or bool(mask.all()):
+            skew.zero_()
+        else:
+            skew.masked_fill_(mask[..., None, None].to(skew.device), 0.0)
+
+    def restart(self, mask: Tensor | None = None) -> None:
+        """Back to a zero generator (the optimizer's moments keep their meaning: the
+        generator's coordinates are those of the tangent space at the merged base)."""
+        self.identity(mask)
+
+    def rotate(self, x: Tensor) -> Tensor:
+        skew = self.pert.skew
+        # the usual case between merges: no LU solve (a meta tensor has shapes only)
+        if skew.device.type == "meta" or not bool(skew.detach().any()):
+            return rotations.cayley_apply_at_zero(x, skew)
+        return rotations.cayley_apply(x, skew.to(x.dtype))
