@@ -42,6 +42,7 @@ FAMILIES: dict[str, Callable[[int], p4opt.Perturbation]] = {
     "invertible-factored": lambda n: p4opt.Invertible(update="factored", rank=4, seed=0),
     "orthogonal-householder": lambda n: p4opt.Orthogonal("householder", seed=0),
     "orthogonal-givens": lambda n: p4opt.Orthogonal("givens", seed=0),
+    "orthogonal-cayley": lambda n: p4opt.Orthogonal("cayley", seed=0),
     "positive-definite": lambda n: p4opt.PositiveDefinite(seed=0),
     # the regression task: its optimum over SPD matrices lies on the cone's boundary
     "positive-definite-boundary": lambda n: p4opt.PositiveDefinite(seed=0),

@@ -27,6 +27,7 @@ PUBLIC_MODULES = [
     "p4opt.linalg.refine",
     "p4opt.linalg.householder",
     "p4opt.linalg.givens",
+    "p4opt.linalg.cayley",
     "p4opt.linalg.metrics",
     "p4opt.linalg.random",
     "p4opt.nn",

@@ -251,7 +251,7 @@ def test_bad_tensors_raise():
         p4opt.register(torch.nn.LayerNorm(4), "weight", p4opt.Orthogonal())
     with pytest.raises(p4opt.P4ValueError, match="group='SO' needs a square"):
         p4opt.register(torch.nn.Linear(4, 3), "weight", p4opt.Orthogonal(group="SO"))
-    with pytest.raises(p4opt.P4ValueError, match="use method='householder' for stacks"):
+    with pytest.raises(p4opt.P4ValueError, match="use method='householder' or 'cayley' for stacks"):
         p4opt.register(torch.nn.Conv2d(2, 2, 3), "weight", p4opt.Orthogonal("givens"))
     with pytest.raises(ValueError, match="rank 20 exceeds"):
         p4opt.register(torch.nn.Linear(4, 4), "weight", p4opt.Orthogonal(rank=20))

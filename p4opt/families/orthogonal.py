@@ -33,15 +33,17 @@ class Orthogonal(Perturbation):
     short side alone keeps the span of the columns, or rows, fixed). A stack (*, n, p), for
     example a convolution weight (out, in, k, k) or a batch of problems, is a stack of such
     matrices, each with its own rotation, merged and validated element by element
-    (``method="householder"`` only).
+    (``method="householder"`` or ``"cayley"``).
 
     The rotation :math:`G` is a strategy chosen by ``method``:
     :class:`~p4opt.families.rotations.Householder` (products of reflection pairs in compact
-    WY form, :math:`O(n^2k)` to form :math:`QG`) or
+    WY form, :math:`O(n^2k)` to form :math:`QG`),
     :class:`~p4opt.families.rotations.Givens` (``L`` layers of rotations on disjoint
     coordinate pairs, by default a round-robin tournament of ``n - 1`` layers that turns every
     pair once: :math:`O(n^2L)`, elementwise work, so slower per step than Householder beyond
-    small ``n``).
+    small ``n``) or :class:`~p4opt.families.rotations.Cayley` (the Cayley transform of a
+    dense generator :math:`X`, :math:`n^2` trainable entries, merged after every step: the
+    forward pass is the base itself and the merge one :math:`O(n^3)` LU solve).
 
     Registration maps each matrix to the nearest orthogonal (or Stiefel) matrix, its polar
     factor, when its orthogonality error exceeds the tolerance of :meth:`validate` (or
@@ -54,13 +56,15 @@ class Orthogonal(Perturbation):
 
     Parameters
     ----------
-    method : {"householder", "givens"}
+    method : {"householder", "givens", "cayley"}
         ``"givens"`` takes single matrices, square or rectangular (no stacks).
+        ``"cayley"`` sets ``default_merge_every`` to 1.
     rank : int, optional
         ``"householder"``: number of reflections (even, ``2 <= k <= 4 max(n, p)``), default
         :func:`default_rank` ``(n, p)``. ``"givens"``: number of layers ``L`` (at least 1),
         default :func:`~p4opt.families.rotations.givens.default_layers` ``(max(n, p))``, a
         whole tournament; fewer layers move on through the tournament at every merge.
+        ``"cayley"``: must be left out.
     group : {"SO", "O"}, optional
         Feasible set of a square weight: the rotations (the default) or all orthogonal
         matrices. A rectangular weight has no determinant: its Stiefel manifold is connected
@@ -107,6 +111,7 @@ class Orthogonal(Perturbation):
     (True, True)
     """
 
+    #: Householder and Givens; ``"cayley"`` instances set their own (1).
     default_merge_every: ClassVar[int] = 7
     reset_optimizer_state: ClassVar[bool] = False
     element_ndim: ClassVar[int | None] = 2
@@ -169,7 +174,7 @@ class Orthogonal(Perturbation):
         if value.ndim > 2 and not self.strategy.stacks:
             raise P4ValueError(
                 f"method={self.method!r} takes a single matrix, but {self.where} is a stack "
-                f"{describe(value)}: use method='householder' for stacks"
+                f"{describe(value)}: use method='householder' or 'cayley' for stacks"
             )
         self.strategy.create(value, max(n, p))
         self.identity()
