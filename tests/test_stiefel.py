@@ -76,6 +76,14 @@ def test_rectangular_reaches_every_stiefel_point(shape):
     assert losses[-1] < 1e-5 * losses[0]
 
 
+@pytest.mark.parametrize("shape", [(20, 10), (10, 20), (3, 8, 8)])
+def test_cayley_reaches_every_stiefel_point_merging_every_step(shape):
+    module, pert, opt, losses = _fit(shape, steps=300, merge_every=1, lr=0.03, method="cayley")
+    assert losses[-1] < 1e-5 * losses[0]
+    assert opt.stats["merges_accepted"] == 300
+    assert _gram_error(module.weight) < 1e-12 and pert.validate().ok
+
+
 @pytest.mark.parametrize("method", ["householder", "givens", "cayley"])
 @pytest.mark.parametrize("shape", [(9, 4), (4, 9), (3, 6, 6)])
 def test_merge_leaves_the_output_unchanged(shape, method):
@@ -111,11 +119,13 @@ def test_an_exactly_orthonormal_start_is_kept_bit_for_bit():
     assert torch.equal(pert.base, start)
 
 
-def test_stack_with_one_nonfinite_gradient_merges_element_by_element():
-    module, pert, _, _ = _fit((4, 6, 3), steps=3, merge_every=1000)
+@pytest.mark.parametrize("method", ["householder", "cayley"])
+def test_stack_with_one_nonfinite_gradient_merges_element_by_element(method):
+    module, pert, _, _ = _fit((4, 6, 3), steps=3, merge_every=1000, method=method)
     base = pert.base.detach().clone()
+    (trained,) = pert.trainable()
     with torch.no_grad():
-        pert.vectors[2].fill_(float("nan"))
+        trained[2].fill_(float("nan"))
     result = pert.merge()
     assert result.folded == 3 and result.rejected == 1 and not result.accepted
     assert torch.equal(pert.base[2], base[2])  # the bad element keeps its base bit for bit
@@ -143,16 +153,19 @@ def test_stack_training_survives_one_nonfinite_gradient():
     assert torch.isfinite(module.weight).all() and pert.validate().ok
 
 
-def test_stack_elements_are_independent():
+@pytest.mark.parametrize("method", ["householder", "cayley"])
+def test_stack_elements_are_independent(method):
     """Each element of a stack is the single-matrix problem: batched equals looped."""
     w = _stiefel((3, 7, 4), 0)
+    rank = {"rank": 4} if method == "householder" else {}
     single = Weight(w[1].clone())
-    pert = p4opt.register(single, "weight", p4opt.Orthogonal(rank=4, seed=0))
+    pert = p4opt.register(single, "weight", p4opt.Orthogonal(method, seed=0, **rank))
     stack = Weight(w.clone())
-    spert = p4opt.register(stack, "weight", p4opt.Orthogonal(rank=4, seed=0))
+    spert = p4opt.register(stack, "weight", p4opt.Orthogonal(method, seed=0, **rank))
+    (one,), (many,) = pert.trainable(), spert.trainable()
     with torch.no_grad():
-        pert.vectors.normal_()
-        spert.vectors[1].copy_(pert.vectors)
+        one.normal_()
+        many[1].copy_(one)
     x = torch.randn(6, 4, dtype=torch.float64)
     out = stack(x.expand(3, 6, 4))
     assert (out[1] - single(x)).abs().max() < 1e-13
