@@ -102,8 +102,9 @@ class Bound(nn.Module):
         versions = tuple(p._version for p in self._parameters.values() if p is not None)
         if versions == self._seen_versions:
             return
-        self._seen_versions = versions
-        self._updates_since_merge += 1
+        # plain attributes, set on every forward pass: skip nn.Module.__setattr__'s lookups
+        object.__setattr__(self, "_seen_versions", versions)
+        object.__setattr__(self, "_updates_since_merge", self._updates_since_merge + 1)
         limit = max(100, 20 * self.default_merge_every)
         if self._updates_since_merge == limit and self.is_registered:
             warnings.warn(

@@ -165,8 +165,8 @@ class Perturbation(Bound, abc.ABC):
         """
         self.base  # noqa: B018 - raises a clear error when not registered
         self._sync_dtype()
-        self._updates_since_merge = 0
-        self._last_grads = grads or {}
+        object.__setattr__(self, "_updates_since_merge", 0)  # plain attributes (see binding)
+        object.__setattr__(self, "_last_grads", grads or {})
         shape = self._stack_shape()
         nonfinite = None if self.proposes_finite_only else self._nonfinite_update(shape)
         all_finite = nonfinite is None
@@ -190,7 +190,7 @@ class Perturbation(Bound, abc.ABC):
         figures = dict(proposal.figures)
         if bool(ok.any()):
             self.fold(proposal, ok.to(self.base.device))
-            self.merges += 1
+            self.merges.add_(1)  # in place: no new tensor, no module lookup
             every = self.correct_every
             if every is not None and int(self.merges) % every == 0:
                 figures.update(self.correct())
@@ -228,7 +228,7 @@ class Perturbation(Bound, abc.ABC):
         """The usual case, without per-element bookkeeping: every element folds its whole update."""
         ok = torch.ones(shape, dtype=torch.bool, device=self.base.device)
         self.fold(proposal, ok)
-        self.merges += 1
+        self.merges.add_(1)  # in place: no new tensor, no module lookup
         figures = dict(proposal.figures)
         every = self.correct_every
         corrected = every is not None and int(self.merges) % every == 0
