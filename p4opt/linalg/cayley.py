@@ -11,7 +11,7 @@ is orthogonal with :math:`\det G = +1` for every real square :math:`X` (the eige
 
 References
 ----------
-- N. J. Higham, "Functions of Matrices", SIAM 2008, §8.6 (the Cayley transform).
+- N. J. Higham, "Functions of Matrices", SIAM 2008 (the Cayley transform).
 - Z. Wen, W. Yin, "A feasible method for optimization with orthogonality constraints",
   Math. Program. 142 (2013).
 """
