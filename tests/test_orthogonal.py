@@ -582,3 +582,21 @@ def test_cayley_torch_func_grad_at_zero_matches_autograd():
     loss(params).backward()
     assert float(via_func.abs().max()) > 0
     assert (via_func - pert.skew.grad).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["householder", "givens", "cayley"])
+def test_half_precision_layers_pass_their_own_validation(method, dtype):
+    # rounding an orthogonal matrix into bfloat16 alone leaves an error of about eps / 2
+    # (3e-3): a fixed 1e-5 failed every half-precision layer from its registration on
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 16, bias=False, dtype=dtype)
+    pert = p4opt.register(lin, "weight", p4opt.Orthogonal(method, seed=0))
+    report = pert.validate()
+    assert report.ok and report.figures["orthogonality_error"] > 1e-5, report
+    opt = p4opt.P4Optimizer(torch.optim.SGD(lin.parameters(), lr=1e-2), merge_every=3)
+    for _ in range(60):
+        lin(torch.randn(8, 16, dtype=dtype)).float().square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.stats["merges_accepted"] == 20 and pert.validate().ok

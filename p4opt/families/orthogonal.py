@@ -241,9 +241,10 @@ class Orthogonal(Perturbation):
 
         The error is :math:`\lVert W^TW - I_p\rVert_{\max}` (:math:`\lVert WW^T -
         I_n\rVert_{\max}` for a wide weight), the largest over a stack, computed in float64
-        from the layer's tensors; tolerances ``1e-10`` for float64 layers and ``1e-5``
-        otherwise. For ``group="SO"`` the figure ``det_sign_error`` is 1 when some
-        :math:`\det W < 0`. Cost :math:`O(np\min(n, p))` per matrix.
+        from the layer's tensors; tolerances ``1e-10`` for float64 layers, ``1e-5`` for
+        float32 and eight machine epsilons for float16 and bfloat16. For ``group="SO"`` the
+        figure ``det_sign_error`` is 1 when some :math:`\det W < 0`. Cost
+        :math:`O(np\min(n, p))` per matrix.
         """
         w = self.current().to(torch.float64)
         tol = _tolerance(self.base.dtype)
@@ -271,5 +272,16 @@ class Orthogonal(Perturbation):
 
 
 def _tolerance(dtype: torch.dtype) -> float:
-    """Largest orthogonality error :meth:`Orthogonal.validate` accepts for a layer dtype."""
-    return 1e-10 if dtype == torch.float64 else 1e-5
+    """Largest orthogonality error :meth:`Orthogonal.validate` accepts for a layer dtype.
+
+    ``1e-10`` for float64, ``1e-5`` for float32, and eight machine epsilons for float16 and
+    bfloat16, whose rounding of an orthogonal matrix alone reaches about half an epsilon.
+
+    Examples
+    --------
+    >>> _tolerance(torch.float64), _tolerance(torch.float32), _tolerance(torch.bfloat16)
+    (1e-10, 1e-05, 0.0625)
+    """
+    if dtype == torch.float64:
+        return 1e-10
+    return max(1e-5, 8 * torch.finfo(dtype).eps)

@@ -28,6 +28,8 @@ from p4opt.errors import ShapeError
 
 __all__ = ["cayley_apply", "cayley_apply_at_zero"]
 
+_LOW = (torch.float16, torch.bfloat16)
+
 
 def _check(x: Tensor, generator: Tensor, name: str) -> None:
     n = generator.shape[-1]
@@ -52,7 +54,8 @@ def cayley_apply(x: Tensor, generator: Tensor) -> Tensor:
         Vectors, or the rows of a matrix :math:`Q` (then the result is :math:`QG`). With a
         stack of generators the leading shape ``*`` must match it.
     generator : Tensor, shape (n, n) or (*, n, n)
-        :math:`X`; only its skew-symmetric part acts. Same dtype as ``x``.
+        :math:`X`; only its skew-symmetric part acts. Same dtype as ``x``; float16 and
+        bfloat16 are computed in float32 (LU has no half-precision kernels) and rounded back.
 
     Returns
     -------
@@ -72,6 +75,8 @@ def cayley_apply(x: Tensor, generator: Tensor) -> Tensor:
     1.0
     """
     _check(x, generator, "cayley_apply")
+    if x.dtype in _LOW or generator.dtype in _LOW:  # LU has no half-precision kernels
+        return cayley_apply(x.float(), generator.float()).to(x.dtype)
     skew = generator - generator.mT
     right = skew.mul(-0.5)  # I - S/2, written on the diagonal in place (no identity built)
     right.diagonal(dim1=-2, dim2=-1).add_(1.0)
