@@ -93,15 +93,17 @@ class DeferredInverse:
     def _pending_inverse_transposed(self, dtype: torch.dtype) -> Tensor:
         r""":math:`A^{-T}` in ``dtype`` from the pending factors rounded into ``dtype``."""
         factors, pivots, scale = self._pending_lu  # type: ignore[misc]
-        eye = _identity(factors.shape[-1], dtype, factors.device)
+        # LU solves have no half-precision kernels: float16 / bfloat16 layers solve in float32
+        work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        eye = _identity(factors.shape[-1], work, factors.device)
         with torch.no_grad():
             # column-major A^{-1}, whose transpose is a row-major A^{-T}
             out = torch.linalg.lu_solve(
-                factors.to(dtype), pivots, eye.expand_as(factors), adjoint=True
+                factors.to(work), pivots, eye.expand_as(factors), adjoint=True
             ).mT
             if scale is not None:
-                out.mul_(scale.to(dtype)[..., None, None])
-        return out
+                out.mul_(scale.to(work)[..., None, None])
+        return out.to(dtype)
 
     # hooks for the paths that reach ``_buffers`` without attribute access
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:

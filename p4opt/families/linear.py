@@ -194,7 +194,8 @@ class LinearStructure(Perturbation):
 
         Figures: ``residual`` (current tensor, layer dtype), ``base_residual``
         (the merged base) and ``update_norm`` :math:`\lVert z\rVert_2`.
-        Tolerance: ``1e-12`` (float64) or ``1e-6`` (float32), times
+        Tolerance: ``1e-12`` (float64), ``1e-6`` (float32) or four machine epsilons
+        (float16, bfloat16), times
         ``max(1, max|θ|)`` (and, for a dense ``C``, times the largest row norm,
         at least 1). Cost: one residual evaluation (:math:`O(p)` for presets).
         """
@@ -211,7 +212,8 @@ class LinearStructure(Perturbation):
 
     def _tolerance(self, tensor: Tensor) -> float:
         scale = max(1.0, float(tensor.abs().max()))
-        dtype_tol = RESIDUAL_TOLERANCE.get(tensor.dtype, 1e-3)
+        # half precision: a few roundings of the entries (float16 3.9e-3, bfloat16 0.031)
+        dtype_tol = RESIDUAL_TOLERANCE.get(tensor.dtype, 4 * torch.finfo(tensor.dtype).eps)
         return dtype_tol * scale * self._space().tolerance_scale
 
     def residual(self) -> float:
