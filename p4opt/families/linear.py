@@ -144,7 +144,8 @@ class LinearStructure(Perturbation):
         projected = self.space.finish(projected)
         if value.device.type != "meta":
             residual = float(self.space.residual(projected.to(torch.float64)))
-            if not residual <= self._tolerance(projected):
+            finite = bool(torch.isfinite(projected).all())  # an overflow gives tolerance inf
+            if not (finite and residual <= self._tolerance(projected)):
                 raise P4ValueError(
                     f"{self.where}: {value.dtype} cannot hold the structure at this magnitude "
                     f"(residual {residual:.1e} after projection); use a wider dtype or smaller "
