@@ -1,8 +1,8 @@
 """Bad-input campaign: generated misuse and hostile training runs over every family.
 
-Hypothesis draws each case: a family (Invertible projected and factored, Orthogonal householder
-and givens, Symmetric, ZeroSum, Circulant, Fixed, a dense LinearStructure), a tensor shape (square,
-rectangular, 1-D, stacks), a dtype (float16, bfloat16, float32, float64, int32), a rank, an
+Hypothesis draws each case: a family (Invertible projected and factored, Orthogonal householder,
+givens and cayley, Symmetric, ZeroSum, Circulant, Fixed, a dense LinearStructure), a tensor shape
+(square, rectangular, 1-D, stacks), a dtype (float16, bfloat16, float32, float64, int32), a rank, an
 optimizer with a learning rate up to 1e6 and a loss scale up to 1e8, NaN/Inf injected at a random
 step, a singular or near-singular update put in place before a merge, and one kind of misuse
 (a state dict from another model, registering twice, unregistering twice). Every case ends in one
@@ -46,6 +46,7 @@ FAMILY_NAMES = (
     "invertible-factored",
     "orthogonal-householder",
     "orthogonal-givens",
+    "orthogonal-cayley",
     "symmetric",
     "zerosum",
     "circulant",
@@ -109,6 +110,8 @@ def _family(name: str, case: dict[str, Any], numel: int) -> p4opt.Perturbation:
         return p4opt.Orthogonal("householder", rank=rank, seed=seed)
     if name == "orthogonal-givens":
         return p4opt.Orthogonal("givens", rank=rank, seed=seed)
+    if name == "orthogonal-cayley":  # no rank: the generator is dense
+        return p4opt.Orthogonal("cayley", seed=seed)
     if name == "symmetric":
         return p4opt.Symmetric(seed=seed)
     if name == "zerosum":

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from p4opt._typing import Tensor
-from p4opt.errors import RegistrationError
+from p4opt.errors import P4ValueError, RegistrationError
 
 __all__ = ["Bound", "owner_of"]
 
@@ -153,6 +153,19 @@ class Bound(nn.Module):
         self.upgrade_state_dict(state_dict, f"{prefix}{mine}.")
         ours = self._owner.state_dict(keep_vars=True)  # type: ignore[union-attr]
         optional = ("rng_seed", "rng_draws", "merges", "_extra_state")
+        if strict:  # torch would copy the shared entries (the base) before it complains
+            extra = sorted(
+                k for k in state_dict
+                if k.startswith(prefix) and k[len(prefix):] not in ours
+                and not k.endswith("_extra_state")
+            )
+            if extra:
+                raise RegistrationError(
+                    f"{self.where}: the state dict has entries this perturbation does not have "
+                    f"({', '.join(map(repr, extra[:3]))}{', ...' if len(extra) > 3 else ''}; "
+                    "saved from another family or options?); nothing of the perturbation was "
+                    "loaded"
+                )
         for key, tensor in ours.items():
             given = state_dict.get(prefix + key)
             if given is None:
@@ -218,6 +231,7 @@ class Bound(nn.Module):
         return list(self.parameters(recurse=False))
 
     def _apply(self, fn: Any, recurse: bool = True) -> Bound:
+        self._refuse_overflowing_move(fn)
         # Bookkeeping buffers keep their dtype under ``model.float()``: they get the requested
         # device move (or ``to_empty``) only.
         order = list(self._buffers)
@@ -238,6 +252,27 @@ class Bound(nn.Module):
             self._buffers = {n: self._buffers[n] for n in order if n in self._buffers}
         self._claim()
         return self
+
+    def _refuse_overflowing_move(self, fn: Any) -> None:
+        """Raise before a dtype move (``model.float()``, ``.half()``, ``.to(dtype)``) would
+        round the base to infinity; torch converts the base after this module (its owner is
+        the parent), so the layer is left as it was. One reduction, on dtype changes only."""
+        owner = self._owner
+        if owner is None or "original" not in owner._parameters:
+            return
+        base = owner.original
+        if base.device.type == "meta" or not base.is_floating_point():
+            return
+        target = fn(torch.empty(0, dtype=base.dtype, device=base.device)).dtype
+        if target == base.dtype or not target.is_floating_point:
+            return
+        largest = float(base.detach().abs().amax()) if base.numel() else 0.0
+        if largest > torch.finfo(target).max:
+            raise P4ValueError(
+                f"{self.where}: moving to {target} would round its base to infinity (largest "
+                f"entry {largest:.3g}, {target} holds up to {torch.finfo(target).max:.3g}); "
+                "the layer keeps its dtype (modules converted before it keep theirs)"
+            )
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any

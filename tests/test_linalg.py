@@ -289,3 +289,25 @@ def test_spd_condition_is_a_tight_lower_bound_of_the_eigenvalue_ratio(n):
     assert bool((estimate <= true * (1 + 1e-6)).all()) and bool((estimate >= 0.7 * true).all())
     broken = -a[0]  # negative definite: no condition number of an SPD matrix
     assert math.isinf(float(linalg.spd_condition(broken, torch.linalg.inv(broken))))
+
+
+def test_a_refused_stack_element_with_nan_factors_keeps_its_matrix_bit_for_bit():
+    # found by the bad-input campaign: the masked fold zeroed U of a refused element but not V,
+    # and 0 * NaN put NaN into the whole stack's base and inverse
+    g = torch.Generator().manual_seed(0)
+    a = torch.eye(5, dtype=torch.float64).repeat(2, 1, 1) + 0.1 * torch.randn(
+        2, 5, 5, generator=g, dtype=torch.float64
+    )
+    inv = torch.linalg.inv(a)
+    sign, lad = torch.linalg.slogdet(a)
+    u = 0.1 * torch.randn(2, 5, 1, generator=g, dtype=torch.float64)
+    v = 0.1 * torch.randn(2, 5, 1, generator=g, dtype=torch.float64)
+    v[1, 0, 0] = float("nan")
+    before = a.clone(), inv.clone()
+    codes, _ = linalg.low_rank_merge_(a, inv, sign, lad, u, v)
+    assert codes.tolist()[0] == 0 and codes.tolist()[1] != 0
+    assert torch.isfinite(a).all() and torch.isfinite(inv).all()
+    assert torch.equal(a[1], before[0][1]) and torch.equal(inv[1], before[1][1])
+    expected = before[0][0] + u[0] @ v[0].mT
+    assert (a[0] - expected).abs().max() < 1e-14
+    assert (inv[0] @ a[0] - torch.eye(5, dtype=torch.float64)).abs().max() < 1e-12

@@ -600,3 +600,21 @@ def test_half_precision_layers_pass_their_own_validation(method, dtype):
         opt.step()
         opt.zero_grad()
     assert opt.stats["merges_accepted"] == 20 and pert.validate().ok
+
+
+@pytest.mark.parametrize("shape", [(4, 5), (5, 5), (2, 5, 5)])
+def test_cayley_merge_of_a_huge_generator_stays_orthogonal(shape):
+    # found by the bad-input campaign (SGD at lr 6e5): an odd-sized skew matrix has a zero
+    # eigenvalue, so I - S/2 with |S| ~ 1e11 is ill-conditioned and the LU solve left 1e-4 of
+    # orthogonality error in a float64 base per merge; such merges are re-orthonormalized
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(torch.zeros(shape, dtype=F64))
+    with torch.no_grad():
+        module.weight.copy_(lo.polar_factor(torch.randn(shape, dtype=F64)))
+    pert = p4opt.register(module, "weight", p4opt.Orthogonal("cayley", seed=0))
+    g = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        with torch.no_grad():
+            pert.skew.copy_(1e11 * torch.randn(pert.skew.shape, generator=g, dtype=F64))
+        assert pert.merge().accepted
+    assert float(lo.orthogonality_error(pert.base).amax()) < 1e-13 and pert.validate().ok

@@ -436,12 +436,14 @@ def test_float32_householder_weight_stays_orthogonal_with_more_reflections_than_
     "make",
     [
         lambda: p4opt.Invertible(seed=0),
+        lambda: p4opt.Invertible(rank=1, seed=0),  # the range finder's Cholesky QR
         lambda: p4opt.SpecialLinear(seed=0),
         lambda: p4opt.PositiveDefinite(seed=0),
         lambda: p4opt.ZeroSum(dim=0, value=1.0, seed=0),
         lambda: p4opt.Orthogonal("cayley", seed=0),
     ],
-    ids=["invertible", "special-linear", "positive-definite", "zerosum", "orthogonal-cayley"],
+    ids=["invertible", "invertible-rank1", "special-linear", "positive-definite", "zerosum",
+         "orthogonal-cayley"],
 )
 def test_half_precision_layers_train_and_pass_validation(make, dtype):
     # found by trying every family on float16 / bfloat16 weights: log|det| of Invertible and
@@ -469,3 +471,34 @@ def test_half_precision_layers_train_and_pass_validation(make, dtype):
     assert float(loss.detach()) < first
     report = pert.validate()
     assert report.ok, report
+
+
+def test_a_dtype_move_that_would_overflow_the_base_is_refused():
+    # found by the bad-input campaign: a float64 Fixed layer trained with a huge learning rate
+    # held entries of 1e41; model.float() turned its base into inf
+    lin = torch.nn.Linear(4, 4, bias=False, dtype=torch.float64)
+    mask = torch.eye(4, dtype=torch.bool)
+    pert = p4opt.register(lin, "weight", p4opt.Fixed(mask))
+    with torch.no_grad():
+        pert.base.mul_(1e41)
+    before = pert.base.clone()
+    with pytest.raises(p4opt.P4ValueError, match="would round its base to infinity"):
+        lin.float()
+    assert pert.base.dtype == torch.float64 and torch.equal(pert.base, before)
+    with torch.no_grad():
+        pert.base.div_(1e41)
+    lin.float()  # in range: moves
+    assert pert.base.dtype == torch.float32 and pert.validate().ok
+
+
+def test_a_checkpoint_of_another_structure_with_the_same_shapes_is_refused_before_copying():
+    # found by the bad-input campaign: Fixed's state dict loaded into a ZeroSum layer raised
+    # torch's "unexpected keys" only after copying the shared base, which broke the zero sum
+    source = torch.nn.Linear(3, 3, bias=False, dtype=torch.float64)
+    p4opt.register(source, "weight", p4opt.Fixed(torch.eye(3, dtype=torch.bool)))
+    lin = torch.nn.Linear(3, 3, bias=False, dtype=torch.float64)
+    pert = p4opt.register(lin, "weight", p4opt.ZeroSum(dim=0))
+    before = pert.base.clone()
+    with pytest.raises(p4opt.RegistrationError, match="entries this perturbation does not have"):
+        lin.load_state_dict(source.state_dict())
+    assert torch.equal(pert.base, before) and pert.validate().ok

@@ -207,8 +207,12 @@ class Orthogonal(Perturbation):
         return self.strategy.rotate(x)
 
     def propose(self) -> Proposal:
-        """The rotated base in float64 (the template rejects non-finite elements)."""
-        return Proposal(candidate=self.apply(self.base.to(torch.float64)))
+        """The rotated base in float64 (the template rejects non-finite elements); the
+        strategy says when the product must be re-orthonormalized before it is folded."""
+        candidate = self.apply(self.base.to(torch.float64))
+        if self.strategy.merge_needs_refining() and bool(torch.isfinite(candidate).all()):
+            candidate = rotations.refine_orthogonal(candidate, special=self._special)[0]
+        return Proposal(candidate=candidate)
 
     def restart(self, mask: Tensor, folded: bool) -> None:
         args = (mask,) if self._stack_shape() else ()  # stacks restart element by element

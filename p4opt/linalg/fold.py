@@ -62,9 +62,11 @@ def low_rank_fold_(
     if full:
         inv.copy_(torch.where(ok, check.correction, inv))
         matrix.add_(torch.where(ok, u, 0).to(matrix.dtype))
-    else:
-        _addmm_(inv, torch.where(ok, check.inv_u, 0), check.correction, alpha=-1.0)
-        _addmm_(matrix, torch.where(ok, u, 0).to(matrix.dtype), v.mT.to(matrix.dtype))
+    else:  # both factors masked: a zero times a NaN of a refused element is still NaN
+        correction = torch.where(ok, check.correction, 0)
+        _addmm_(inv, torch.where(ok, check.inv_u, 0), correction, alpha=-1.0)
+        _addmm_(matrix, torch.where(ok, u, 0).to(matrix.dtype), torch.where(ok, v, 0).mT.to(
+            matrix.dtype))
     sign.copy_(torch.where(ok_b, sign * check.cap_sign, sign))
     logabsdet.copy_(torch.where(ok_b, logabsdet + check.cap_logabsdet, logabsdet))
 

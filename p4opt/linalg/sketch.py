@@ -21,6 +21,7 @@ def orthonormalize(y: Tensor) -> Tensor:
     Parameters
     ----------
     y : Tensor, shape (*, n, k)
+        float16 and bfloat16 are computed in float32 and rounded back.
 
     Returns
     -------
@@ -36,6 +37,8 @@ def orthonormalize(y: Tensor) -> Tensor:
     >>> bool((q.T @ q - torch.eye(4, dtype=torch.float64)).abs().max() < 1e-12)
     True
     """
+    if y.dtype in (torch.float16, torch.bfloat16):  # no half-precision factorizations
+        return orthonormalize(y.float()).to(y.dtype)
     r, info = torch.linalg.cholesky_ex(y.mT @ y, upper=True)
     # the diagonal of a successful factorization is positive: spread^2 eps < 1e-3 reads
     # max < min * sqrt(1e-3 / eps), a test that NaN fails too (few calls: this runs every merge)

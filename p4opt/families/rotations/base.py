@@ -58,6 +58,12 @@ class Rotation(abc.ABC):
     def rotate(self, x: Tensor) -> Tensor:
         """:math:`x\\,G` for vectors ``x[..., n]`` in ``x``'s dtype (differentiable)."""
 
+    def merge_needs_refining(self) -> bool:
+        """Whether the float64 merge of the pending rotation may miss orthogonality by more
+        than rounding, so that the merged matrix must be re-orthonormalized (default: never;
+        reflections and plane rotations are orthogonal entry by entry)."""
+        return False
+
     def upgrade_state_dict(  # noqa: B027 - optional hook, a no-op by default
         self, state_dict: dict[str, Tensor], prefix: str
     ) -> None:

@@ -14,6 +14,11 @@ from p4opt.families.rotations.base import Rotation
 
 __all__ = ["Cayley"]
 
+#: Norm of the skew generator above which a merge re-orthonormalizes its result (see
+#: :meth:`Cayley.merge_needs_refining`); healthy training stays far below (Adam's steps of
+#: size ``lr`` per entry give about ``lr * n``).
+_REFINE_ABOVE = 1e3
+
 
 class Cayley(Rotation):
     r""":math:`G = (I + S/2)(I - S/2)^{-1}`, :math:`S = X - X^T`, :math:`X` trainable (n, n).
@@ -64,6 +69,15 @@ class Cayley(Rotation):
         """Back to a zero generator (the optimizer's moments keep their meaning: the
         generator's coordinates are those of the tangent space at the merged base)."""
         self.identity(mask)
+
+    def merge_needs_refining(self) -> bool:
+        r"""Whether :math:`\lVert S\rVert_F` exceeds ``1e3``, where the LU solve's error
+        (about :math:`\varepsilon\,\kappa(I - S/2) \le \varepsilon(1 + \lVert S\rVert_2/2)`)
+        can leave rounding level: a wild update (an exploding learning rate or loss scale)
+        whose skew matrix also has a zero eigenvalue, as every odd-sized one does, put 1e-4 of
+        orthogonality error into a float64 base per merge. One reduction per merge."""
+        norm = torch.linalg.vector_norm(self.pert.skew.detach(), dim=(-2, -1)).amax()
+        return bool(2 * norm > _REFINE_ABOVE)  # ||X - X^T||_F <= 2 ||X||_F; NaN: no
 
     def rotate(self, x: Tensor) -> Tensor:
         skew = self.pert.skew
