@@ -186,7 +186,10 @@ def _bad_update(pert: p4opt.Perturbation, how: str) -> None:
             a = torch.nan_to_num(pert._matrix())
             if pert.update == "factored":
                 v = torch.nan_to_num(pert.V.to(torch.float64))  # V may hold an earlier NaN
-                u = -(a @ v) @ torch.linalg.pinv(v.mT @ v)  # C = I + V^T A^-1 U = 0
+                try:
+                    u = -(a @ v) @ torch.linalg.pinv(v.mT @ v)  # C = I + V^T A^-1 U = 0
+                except torch.linalg.LinAlgError:  # the harness's own SVD: no such update here
+                    return
                 factor = {"singular": 1.0, "near-singular": 1 - 1e-9, "huge": -1e12}[how]
                 pert.U.copy_((factor * u).to(pert.U.dtype))
             else:

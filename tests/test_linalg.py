@@ -311,3 +311,21 @@ def test_a_refused_stack_element_with_nan_factors_keeps_its_matrix_bit_for_bit()
     expected = before[0][0] + u[0] @ v[0].mT
     assert (a[0] - expected).abs().max() < 1e-14
     assert (inv[0] @ a[0] - torch.eye(5, dtype=torch.float64)).abs().max() < 1e-12
+
+
+def test_a_rank_one_update_whose_woodbury_sum_cancels_is_refused():
+    # found by the bad-input campaign (lr 1.3e5, loss scale 1e7): a 1 x 1 capacitance is
+    # always well-conditioned, yet A + u v^T with |u v^T| ~ 1e12 leaves a Woodbury inverse off
+    # by ~1e-4; the fold must refuse it and leave A, A^-1 and log|det| as they were
+    g = torch.Generator().manual_seed(1)
+    a = torch.eye(4, dtype=torch.float64)
+    x = torch.randn(4, 1, generator=g, dtype=torch.float64)
+    u, v = 1e12 * x, x + 1e-3 * torch.randn(4, 1, generator=g, dtype=torch.float64)
+    w = a + u @ v.mT
+    woodbury = a - (a @ u) @ torch.linalg.solve(1 + v.mT @ u, v.mT @ a)
+    assert (w @ woodbury - torch.eye(4, dtype=torch.float64)).abs().max() > 1e-6  # what it fixes
+    inv, (sign, lad) = a.clone(), torch.linalg.slogdet(a)
+    code, _ = linalg.low_rank_merge_(a, inv, sign, lad, u, v)
+    assert linalg.MERGE_REJECTIONS[int(code)] == "ill-conditioned update"
+    eye = torch.eye(4, dtype=torch.float64)
+    assert torch.equal(a, eye) and torch.equal(inv, eye) and float(lad) == 0.0

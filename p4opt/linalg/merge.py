@@ -36,6 +36,11 @@ MERGE_REJECTIONS = (
 
 Bounds = tuple[float, float]
 
+_ILL_CONDITIONED = MERGE_REJECTIONS.index("ill-conditioned update")
+#: Largest rounding a rank-k fold may put into :math:`(A + UV^T)(A + UV^T)^{-1} - I`, by the
+#: bound in :func:`low_rank_check` (the bookkeeping's own tolerance is 1e-6 in float64).
+_CANCELLATION_LIMIT = 1e-7
+
 
 @dataclass
 class LowRankCheck:
@@ -165,6 +170,18 @@ def low_rank_check(
     mat_old, inv_old = entry_bounds or (_max_abs(matrix), _max_abs(inv))
     inv_bound = inv_old + _frobenius(inv_u) * _frobenius(correction)
     mat_bound = mat_old + _frobenius(u) * _frobenius(v)
+    # the Woodbury sum cancels terms as large as these bounds: its rounding, relative to
+    # (A + UV^T)(A + UV^T)^{-1} = I, can reach eps * mat_bound * inv_bound. An update that
+    # could leave the inverse further off than the bookkeeping tolerates is ill-conditioned,
+    # however well-conditioned C is (a 1 x 1 C always is)
+    amplification = torch.finfo(inv.dtype).eps * mat_bound * inv_bound
+    fits = (mat_bound < torch.finfo(out_dtype or matrix.dtype).max) & (
+        inv_bound < torch.finfo(inv.dtype).max
+    )  # an overflow is reported as such, below
+    cancels = fits & (amplification > _CANCELLATION_LIMIT)
+    if bool(cancels.any()):
+        code = torch.zeros(cancels.shape, dtype=torch.long, device=inv.device) if all_ok else code
+        code = torch.where((code == 0) & cancels, _ILL_CONDITIONED, code)
     return _finish(code, (inv_u, correction, cap_sign, cap_logabsdet), lambda: (mat_old, inv_old),
                    (mat_bound, inv_bound), (inv.dtype, out_dtype or matrix.dtype))
 
