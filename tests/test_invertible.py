@@ -422,3 +422,24 @@ def test_the_default_whole_step_rule_follows_dense_adam_with_exact_bookkeeping()
     assert opt.stats["merges_accepted"] == 60
     report = pert.validate()
     assert report.ok and report.figures["inverse_error"] < 1e-12
+
+
+@pytest.mark.parametrize("update", ["factored", "projected"])
+def test_a_drifted_inverse_is_corrected_at_the_next_rank_k_merge(update):
+    # found by the bad-input campaign: partial merges towards a singular matrix amplify the
+    # Woodbury error (1e-10 -> 1e-6 in five merges) before the scheduled correction comes
+    lin = torch.nn.Linear(6, 6, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(6, dtype=torch.float64) + 0.1 * torch.randn(6, 6,
+                                                                               dtype=torch.float64))
+    pert = p4opt.register(lin, "weight", p4opt.Invertible(update=update, rank=2, seed=0))
+    with torch.no_grad():  # what drift leaves: above validate()'s tolerance
+        pert.inv.add_(3e-6 * torch.randn(6, 6, dtype=torch.float64))
+    assert not pert.validate().ok
+    with torch.no_grad():
+        for p in pert.trainable():
+            p.add_(1e-3 * torch.randn(p.shape, dtype=p.dtype))
+    result = pert.merge()
+    assert result.accepted and not result.corrected  # not the scheduled correction
+    report = pert.validate()
+    assert report.ok and report.figures["inverse_error"] < 1e-12, report

@@ -10,6 +10,7 @@ from conftest import random_invertible
 
 import p4opt
 from p4opt import linalg
+from p4opt.linalg import probe_inverse_residual
 
 
 def _factors(n: int, k: int, batch=(), scale: float = 0.3, seed: int = 1):
@@ -329,3 +330,17 @@ def test_a_rank_one_update_whose_woodbury_sum_cancels_is_refused():
     assert linalg.MERGE_REJECTIONS[int(code)] == "ill-conditioned update"
     eye = torch.eye(4, dtype=torch.float64)
     assert torch.equal(a, eye) and torch.equal(inv, eye) and float(lad) == 0.0
+
+
+def test_probe_inverse_residual_tracks_the_full_residual_on_stacks():
+    g = torch.Generator().manual_seed(4)
+    a = torch.eye(16, dtype=torch.float64) + 0.2 * torch.randn(3, 16, 16, generator=g,
+                                                                dtype=torch.float64)
+    x = torch.linalg.inv(a)
+    assert probe_inverse_residual(a, x).shape == (3,)
+    assert float(probe_inverse_residual(a, x).amax()) < 1e-13
+    for scale in (1e-10, 1e-6, 1e-3):
+        noisy = x + scale * torch.randn(x.shape, generator=g, dtype=torch.float64)
+        full = (a @ noisy - torch.eye(16, dtype=torch.float64)).abs().amax((-2, -1))
+        probe = probe_inverse_residual(a, noisy)
+        assert bool((probe <= 16 * 3 * full).all()) and bool((probe >= full / 16).all())

@@ -32,6 +32,7 @@ from p4opt.linalg.merge import MERGE_REJECTIONS, LowRankCheck, low_rank_check
 from p4opt.linalg.metrics import (
     condition_estimate,
     orthogonality_error,
+    probe_inverse_residual,
     spd_condition,
     sum_complement,
 )
@@ -79,6 +80,7 @@ __all__ = [
     "invert_permutation",
     "condition_estimate",
     "orthogonality_error",
+    "probe_inverse_residual",
     "spd_condition",
     "sum_complement",
     "random_orthogonal",
