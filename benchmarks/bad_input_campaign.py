@@ -1,12 +1,12 @@
 """Bad-input campaign: generated misuse and hostile training runs over every family.
 
 Hypothesis draws each case: a family (Invertible projected and factored, Orthogonal householder,
-givens and cayley, Symmetric, ZeroSum, Circulant, Fixed, a dense LinearStructure), a tensor shape
-(square, rectangular, 1-D, stacks), a dtype (float16, bfloat16, float32, float64, int32), a rank, an
-optimizer with a learning rate up to 1e6 and a loss scale up to 1e8, NaN/Inf injected at a random
-step, a singular or near-singular update put in place before a merge, and one kind of misuse
-(a state dict from another model, registering twice, unregistering twice). Every case ends in one
-of four outcomes:
+givens and cayley, PositiveDefinite, SpecialLinear, Symmetric, ZeroSum, Circulant, Fixed, a dense
+LinearStructure), a tensor shape (square, rectangular, 1-D, stacks), a dtype (float16, bfloat16,
+float32, float64, int32), a rank, an optimizer with a learning rate up to 1e6 and a loss scale up
+to 1e8, NaN/Inf injected at a random step, a singular or near-singular update put in place before a
+merge, and one kind of misuse (a state dict from another model, registering twice, unregistering
+twice). Every case ends in one of four outcomes:
 
 * ``clear error``: a ``p4opt.P4Error`` that also subclasses the matching builtin, with the
   model's bases still finite and feasible;
@@ -47,6 +47,8 @@ FAMILY_NAMES = (
     "orthogonal-householder",
     "orthogonal-givens",
     "orthogonal-cayley",
+    "positive-definite",
+    "special-linear",
     "symmetric",
     "zerosum",
     "circulant",
@@ -112,6 +114,10 @@ def _family(name: str, case: dict[str, Any], numel: int) -> p4opt.Perturbation:
         return p4opt.Orthogonal("givens", rank=rank, seed=seed)
     if name == "orthogonal-cayley":  # no rank: the generator is dense
         return p4opt.Orthogonal("cayley", seed=seed)
+    if name == "positive-definite":
+        return p4opt.PositiveDefinite(rank=rank, seed=seed)
+    if name == "special-linear":
+        return p4opt.SpecialLinear(rank=rank, seed=seed)
     if name == "symmetric":
         return p4opt.Symmetric(seed=seed)
     if name == "zerosum":

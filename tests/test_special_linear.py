@@ -195,3 +195,25 @@ def test_autocast_and_torch_func_grad(rule):
     params_grad = dict(lin.named_parameters())[name]
     lin(x).square().mean().backward()
     assert torch.allclose(grads[name], params_grad.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("update", ["projected", "factored"])
+def test_a_merge_never_flips_the_determinant_sign(update):
+    # found by the bad-input campaign (SGD at lr 7.9): a partial merge folded an update whose
+    # |det| was inside the bounds but whose sign was negative; det = +1 cannot be recovered by
+    # rescaling, and the layer's determinant became -1
+    lin = torch.nn.Linear(2, 2, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(2, dtype=torch.float64))
+    pert = p4opt.register(lin, "weight", p4opt.SpecialLinear(update=update, rank=2, seed=0))
+    with torch.no_grad():  # A + change = diag(-1, 1): |det| 1, sign -1
+        if update == "projected":
+            pert.delta.copy_(torch.diag(torch.tensor([-2.0, 0.0], dtype=torch.float64)))
+        else:
+            pert.U.copy_(torch.tensor([[-2.0, 0.0], [0.0, 0.0]], dtype=torch.float64))
+            pert.V.copy_(torch.eye(2, dtype=torch.float64))
+    result = pert.merge()
+    assert not result.accepted  # cut back or refused, never folded whole
+    assert float(torch.linalg.det(pert.base)) == pytest.approx(1.0, abs=1e-12)
+    pert.identity()
+    assert pert.validate().ok

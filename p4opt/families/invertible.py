@@ -121,6 +121,9 @@ class Invertible(PreciseMaster, TrackedInverse, Perturbation):
     reset_optimizer_state: ClassVar[bool] = False
     #: low_rank_check refuses non-finite factors element by element
     proposes_finite_only: ClassVar[bool] = True
+    #: Whether a merge must keep the sign of every determinant (refused, or cut back to a
+    #: fraction that keeps it, otherwise); :class:`~p4opt.SpecialLinear` sets it.
+    keeps_determinant_sign: ClassVar[bool] = False
     precise_buffers: ClassVar[tuple[str, ...]] = (
         "inv",
         "precise_base",
@@ -252,9 +255,10 @@ class Invertible(PreciseMaster, TrackedInverse, Perturbation):
         whole = v is None  # the check factorizes A + Delta and needs no A^{-1}
         inv = self._buffers["inv"] if whole else self.inv
         bounds = None if whole else self._bounds.get(matrix, inv)
+        positive = self.keeps_determinant_sign
         check = lowrank.low_rank_check(
             matrix, inv, self.logabsdet_base, u, v, *args, self.base.dtype, bounds,
-            self.sign_base, inverse=not whole,
+            self.sign_base, inverse=not whole, positive=positive,
         )
         if check.all_pass or not bool(check.codes.ne(0).any()):  # the whole update folds
             return Proposal(figures=self._figures(check), data=(u, v, check))
@@ -263,14 +267,14 @@ class Invertible(PreciseMaster, TrackedInverse, Perturbation):
         scalable = torch.isin(check.codes, torch.tensor(SCALABLE, device=u.device))
         cut = torch.where(scalable, check.codes, 0)
         if bool(scalable.any()):
-            t = feasible_scale(self.inv, self.logabsdet_base, u, v, *args)
+            t = feasible_scale(self.inv, self.logabsdet_base, u, v, *args, positive=positive)
             use = scalable & (t > 0)
             if bool(use.any()):
                 scale = torch.where(use, t, scale)
                 u = u * scale[..., None, None].to(u.dtype)
                 check = lowrank.low_rank_check(
                     matrix, inv, self.logabsdet_base, u, v, *args, self.base.dtype, bounds,
-                    self.sign_base, inverse=not whole,
+                    self.sign_base, inverse=not whole, positive=positive,
                 )
         return Proposal(
             codes=check.codes, scale=scale, cut=cut, figures=self._figures(check),

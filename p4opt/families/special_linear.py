@@ -3,6 +3,7 @@ r"""SL(n): matrices with determinant +1, on the invertible bookkeeping."""
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 
@@ -50,6 +51,10 @@ class SpecialLinear(Invertible):
     >>> round(float(torch.linalg.det(lin.weight.detach())), 12), pert.merge().accepted
     (1.0, True)
     """
+
+    #: det W = +1 cannot be reached from det < 0 by rescaling: a merge that would flip the
+    #: sign is cut back to a fraction that keeps it, or refused
+    keeps_determinant_sign: ClassVar[bool] = True
 
     def attach(self, value: Tensor) -> Tensor:
         """Refuse :math:`\\det \\le 0`; scale a matrix with :math:`\\det > 0` to determinant 1."""

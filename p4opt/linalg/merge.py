@@ -84,6 +84,7 @@ def low_rank_check(
     entry_bounds: tuple[Tensor, Tensor] | None = None,
     sign: Tensor | None = None,
     inverse: bool = True,
+    positive: bool = False,
 ) -> LowRankCheck:
     r"""Check the update :math:`A \leftarrow A + UV^T` of every stack element; change nothing.
 
@@ -118,6 +119,10 @@ def low_rank_check(
         ``factorization``; :func:`low_rank_fold_` then leaves ``inv`` as it is, and the
         caller's ``inv`` argument is not read. With a refused element the inverse is formed
         as usual. Ignored for low-rank updates.
+    positive : bool
+        Also refuse, as outside ``update_bounds``, an update that changes the sign of
+        :math:`\det A` (:math:`\det C < 0`), for families whose determinant must stay
+        positive (:class:`~p4opt.SpecialLinear`).
 
     Returns
     -------
@@ -129,7 +134,7 @@ def low_rank_check(
             raise P4ValueError("low_rank_check: v=None (the whole change) needs sign, the sign "
                                "of det A")
         return _whole_change_check(matrix, inv, logabsdet, sign, u, update_bounds,
-                                   logdet_bounds, out_dtype, entry_bounds, inverse)
+                                   logdet_bounds, out_dtype, entry_bounds, inverse, positive)
     # a finite sum proves every entry finite (one pass, no mask); only a non-finite sum, which
     # finite entries can also give by overflowing, pays for the entrywise check. Below, every
     # check is one boolean per element, stacked so that the usual case (all pass) costs one
@@ -151,7 +156,7 @@ def low_rank_check(
     checks = [
         None if all_finite else ~finite_uv,
         ~torch.isfinite(cap_logabsdet),  # -inf for a singular C, NaN for a non-finite one
-        _outside(cap_logabsdet, update_bounds),
+        _flips_or_outside(cap_sign, cap_logabsdet, update_bounds, positive),
         _condition_exceeds(cap, max_condition, spread, (factors, pivots)),
         _outside(logabsdet, logdet_bounds, shift=cap_logabsdet),
     ]
@@ -222,6 +227,7 @@ def _whole_change_check(
     out_dtype: torch.dtype | None,
     entry_bounds: tuple[Tensor, Tensor] | None,
     inverse: bool = True,
+    positive: bool = False,
 ) -> LowRankCheck:
     r""":func:`low_rank_check` for ``v=None``: factorize :math:`A + \Delta`; :math:`O(n^3)`."""
     merged = matrix + delta
@@ -245,6 +251,8 @@ def _whole_change_check(
         for x, (lo, hi) in ((change, update_bounds), (new_logabsdet, logdet_bounds)):
             if math.isfinite(lo) or math.isfinite(hi):
                 ok &= (x >= lo) & (x <= hi)
+        if positive:
+            ok &= new_sign * sign > 0
         if bool(ok.all()):
             zeros = torch.zeros(new_sign.shape, dtype=torch.long, device=matrix.device)
             return LowRankCheck(zeros, None, None, new_sign * sign, change, None, True,
@@ -266,7 +274,7 @@ def _whole_change_check(
     checks = [
         None if all_finite else ~finite,
         ~torch.isfinite(new_logabsdet),  # -inf for a singular A + Delta, NaN for a non-finite one
-        _outside(change, update_bounds),
+        _flips_or_outside(new_sign * sign, change, update_bounds, positive),
         None,  # no capacitance matrix: nothing amplifies the rounding of the new inverse
         _outside(new_logabsdet, logdet_bounds),
     ]
@@ -295,3 +303,14 @@ def _factorize_transpose_(merged: Tensor) -> tuple[Tensor, Tensor]:
     except RuntimeError:  # pragma: no cover - CPU and CUDA take the in-place form
         factors, pivots, _ = torch.linalg.lu_factor_ex(merged.mT)
     return factors, pivots
+
+
+def _flips_or_outside(
+    cap_sign: Tensor, change: Tensor, bounds: Bounds, positive: bool
+) -> Tensor | None:
+    """Whether the change of log|det| leaves ``bounds`` or, with ``positive``, det changes sign."""
+    outside = _outside(change, bounds)
+    if not positive:
+        return outside
+    flips = cap_sign <= 0
+    return flips if outside is None else outside | flips

@@ -27,6 +27,7 @@ def feasible_scale(
     logdet_bounds: Bounds,
     max_condition: float,
     steps: int = 24,
+    positive: bool = False,
 ) -> Tensor:
     r"""Largest :math:`t \in (0, 1]` on a geometric grid for which :math:`tUV^T` passes the checks.
 
@@ -34,6 +35,8 @@ def feasible_scale(
     :math:`C(t) = I + tM` (for rank one it is linear in ``t``). The grid is
     :math:`t_j = 2^{-j/2}`, ``j < steps`` (down to about ``2.4e-4`` by default); every
     candidate is evaluated in one batched call. Cost :math:`O(n^2k + \text{steps}\cdot k^3)`.
+
+    ``positive`` also requires :math:`\det C(t) > 0` (the determinant keeps its sign).
 
     Returns
     -------
@@ -47,7 +50,7 @@ def feasible_scale(
     factors, pivots, _ = torch.linalg.lu_factor_ex(cap)
     sign, lad = _slogdet_lu(factors, pivots)
     new = logabsdet + lad
-    ok = (sign != 0) & torch.isfinite(lad)
+    ok = ((sign > 0) if positive else (sign != 0)) & torch.isfinite(lad)
     ok &= (lad >= update_bounds[0]) & (lad <= update_bounds[1])
     ok &= (new >= logdet_bounds[0]) & (new <= logdet_bounds[1])
     if math.isfinite(max_condition) and v is not None:  # (no capacitance for v=None)
