@@ -187,9 +187,9 @@ def unregister(module: nn.Module, name: str) -> nn.Parameter:
                 "call merge() first, which drops it, then unregister"
             )
     trainable = any(p.requires_grad for p in pert.trainable())
-    pert._unbind()
-    with torch.no_grad():
+    with torch.no_grad():  # evaluates the layer one last time: the perturbation is still bound
         parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    pert._unbind()
     param = getattr(module, name)
     param.requires_grad_(trainable)
     return param

@@ -217,3 +217,20 @@ def test_a_merge_never_flips_the_determinant_sign(update):
     assert float(torch.linalg.det(pert.base)) == pytest.approx(1.0, abs=1e-12)
     pert.identity()
     assert pert.validate().ok
+
+
+def test_unregister_with_a_pending_update_leaves_the_current_unit_determinant_weight():
+    # found by the bad-input campaign: unregister unbound the perturbation before torch
+    # evaluated it one last time, and SpecialLinear's normalization needs its base: the layer
+    # was left half unregistered
+    lin = torch.nn.Linear(3, 3, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        lin.weight.add_(2 * torch.eye(3, dtype=torch.float64))
+    pert = p4opt.register(lin, "weight", p4opt.SpecialLinear(seed=0))
+    with torch.no_grad():
+        pert.delta.normal_(std=0.1)
+    current = lin.weight.detach().clone()
+    param = p4opt.unregister(lin, "weight")
+    assert not list(p4opt.perturbations(lin)) and lin.weight is param
+    assert torch.allclose(param, current, rtol=0, atol=1e-15)
+    assert float(torch.linalg.det(param.detach())) == pytest.approx(1.0, abs=1e-12)
