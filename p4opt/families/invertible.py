@@ -13,11 +13,7 @@ from p4opt._validate import check_bounds, check_choice, check_dtype, check_int, 
 from p4opt.errors import P4ValueError, ShapeError
 from p4opt.families import square
 from p4opt.families.entry_bounds import EntryBounds
-from p4opt.families.invertible_queries import (
-    TrackedInverse,
-    bookkeeping_tolerance,
-    tracked_report,
-)
+from p4opt.families.invertible_queries import TrackedInverse, tracked_report
 from p4opt.families.invertible_updates import (
     Factored,
     Projected,
@@ -30,10 +26,6 @@ from p4opt.linalg.partial import SCALABLE, feasible_scale
 from p4opt.perturbation import Perturbation, Proposal, ValidationReport
 
 __all__ = ["Invertible", "default_rank"]
-
-#: Fraction of ``validate()``'s inverse tolerance a rank-k merge may leave on the probe before
-#: it corrects at once (see :meth:`Invertible._correct_if_drifted`).
-_DRIFT_LIMIT = 0.01
 
 Bounds = tuple[float, float]
 
@@ -305,16 +297,6 @@ class Invertible(PreciseMaster, TrackedInverse, Perturbation):
         partial = ok & (proposal.scale < 1)
         if bool(partial.any()):
             self.rule.keep_remainder(partial, proposal.scale)  # type: ignore[arg-type]
-
-    def _correct_if_drifted(self, matrix: Tensor, inv: Tensor) -> None:
-        """Correct now (:meth:`correct`, :math:`O(n^3)`) when the tracked inverse misses
-        :math:`A` by more than a hundredth of :meth:`validate`'s tolerance on the probe of
-        :func:`~p4opt.linalg.probe_inverse_residual` (two matrix-vector products per merge):
-        Woodbury errors add up between scheduled corrections and are amplified as
-        :math:`A` loses condition, which partial merges towards a singular matrix do."""
-        drift = float(linalg.probe_inverse_residual(matrix, inv).amax())
-        if not drift <= _DRIFT_LIMIT * bookkeeping_tolerance(inv.dtype, inv.shape[-1]):
-            self.correct()
 
     def restart(self, mask: Tensor, folded: bool) -> None:
         self.rule.restart(mask, folded)

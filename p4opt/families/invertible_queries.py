@@ -19,12 +19,17 @@ if TYPE_CHECKING:
 __all__ = ["TrackedInverse", "bookkeeping_tolerance", "tracked_report"]
 
 
+#: Fraction of ``validate()``'s inverse tolerance a rank-k merge may leave on the probe before
+#: it corrects at once (see :meth:`TrackedInverse._correct_if_drifted`).
+_DRIFT_LIMIT = 0.01
+
+
 class TrackedInverse(DeferredInverse):
     """Queries on the current matrix :math:`W` of a family keeping :math:`A^{-1}` and log|det A|.
 
     The family provides ``rule`` (an :class:`~p4opt.families.invertible_updates.UpdateRule`),
     the buffers ``inv``, ``sign_base``, ``logabsdet_base``, ``update``, ``where`` and
-    ``update_logdet_bounds``, and ``_matrix()``.
+    ``update_logdet_bounds``, ``_matrix()`` and ``correct()``.
     """
 
     rule: UpdateRule
@@ -36,6 +41,16 @@ class TrackedInverse(DeferredInverse):
     where: str
     update_logdet_bounds: tuple[float, float]
     _cast_cache: dict[Any, tuple[int, Tensor]]
+
+    def _correct_if_drifted(self, matrix: Tensor, inv: Tensor) -> None:
+        """Correct now (the family's ``correct()``, :math:`O(n^3)`) when the tracked inverse
+        misses :math:`A` by more than a hundredth of ``validate()``'s tolerance on the probe
+        of :func:`~p4opt.linalg.probe_inverse_residual` (two matrix-vector products per
+        merge): Woodbury errors add up between scheduled corrections and are amplified as
+        :math:`A` loses condition, which partial merges towards a singular matrix do."""
+        drift = float(linalg.probe_inverse_residual(matrix, inv).amax())
+        if not drift <= _DRIFT_LIMIT * bookkeeping_tolerance(inv.dtype, inv.shape[-1]):
+            self.correct()  # type: ignore[attr-defined]
 
     def _matrix(self) -> Tensor:
         raise NotImplementedError
