@@ -373,3 +373,35 @@ def test_correction_of_a_singular_factor_projects_and_restarts_the_factor():
     report = pert.validate()
     assert report.ok, report
     assert report.figures["factor_error"] < 1e-12 and report.figures["min_eigenvalue"] > 0
+
+
+def _merge_towards(dtype: torch.dtype, smallest: float) -> tuple[p4opt.MergeResult, bool, bool]:
+    """Merge, from P = I, the change to Q diag(1, smallest) Q^T (Q a 45 degree rotation)."""
+    lin = torch.nn.Linear(2, 2, bias=False, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(2))
+    pert = p4opt.register(lin, "weight", p4opt.PositiveDefinite(
+        update_logdet_bounds=(-100.0, 100.0), max_update_condition=1e12, seed=0))
+    c = math.sqrt(0.5)
+    q = torch.tensor([[c, -c], [c, c]], dtype=torch.float64)
+    root = q @ torch.diag(torch.tensor([1.0, math.sqrt(smallest)], dtype=torch.float64)) @ q.T
+    with torch.no_grad():
+        pert.delta.copy_((root - torch.eye(2, dtype=torch.float64)).to(dtype))
+    before = pert.base.clone()
+    result = pert.merge()
+    unchanged = torch.equal(pert.base, before)
+    pert.identity()
+    return result, unchanged, pert.validate().ok
+
+
+@pytest.mark.parametrize(("dtype", "smallest", "folds"), [
+    (torch.float32, 1e-12, False),  # rounds to [[.5, .5], [.5, .5]]: singular in float32
+    (torch.float32, 1e-4, True),
+    (torch.bfloat16, 1e-6, False),  # the change itself rounds to a singular I + delta
+])
+def test_a_merge_whose_stored_matrix_leaves_the_cone_is_refused(dtype, smallest, folds):
+    # found by the bad-input campaign: near the boundary the merged float64 matrix is positive
+    # definite, but the layer's float32 / bfloat16 copy was not (validate() failed), and a
+    # singular capacitance raised LinAlgError inside the merge instead of being refused
+    result, unchanged, ok = _merge_towards(dtype, smallest)
+    assert result.accepted == folds and unchanged != folds and ok

@@ -111,8 +111,9 @@ def congruence_inverse(inv: Tensor, u: Tensor, v: Tensor, cap: Tensor | None = N
     True
     """
     cap = congruence_capacitance(u, v) if cap is None else cap
-    right = inv - (inv @ u) @ torch.linalg.solve(cap, v.mT)  # A^{-1} M^{-1}
-    left = right - v @ torch.linalg.solve(cap.mT, u.mT @ right)  # M^{-T} A^{-1} M^{-1}
+    # solve_ex: a singular capacitance (refused by the merge's codes) must not raise here
+    right = inv - (inv @ u) @ torch.linalg.solve_ex(cap, v.mT)[0]  # A^{-1} M^{-1}
+    left = right - v @ torch.linalg.solve_ex(cap.mT, u.mT @ right)[0]  # M^{-T} A^{-1} M^{-1}
     return symmetrize(left)
 
 
@@ -159,7 +160,7 @@ def factor_update(
     (True, True)
     """
     step = u if b is None else u @ b.mT
-    return factor + step, factor_inv - a @ torch.linalg.solve(cap, v.mT)
+    return factor + step, factor_inv - a @ torch.linalg.solve_ex(cap, v.mT)[0]
 
 
 def capacitance_codes(

@@ -297,6 +297,15 @@ class PositiveDefinite(PositiveDefiniteQueries, PositiveDefiniteCorrection, Pert
         codes = torch.where((codes == 0) & bad, Reason.NON_FINITE_RESULT.code, codes)
         not_pd = (matrix.diagonal(dim1=-2, dim2=-1) <= 0).any(-1)
         codes = torch.where((codes == 0) & not_pd, Reason.INFEASIBLE_RESULT.code, codes)
+        if self.base.dtype != matrix.dtype and bool((codes == 0).any()):
+            # the layer stores the merged matrix rounded into its dtype: near the cone's
+            # boundary (condition past about 1 / eps of that dtype) the rounding is indefinite,
+            # or positive definite by less than one rounding. One Cholesky per merge, O(n^3/3),
+            # of the stored matrix less one epsilon of its scale on the diagonal
+            stored = torch.nan_to_num(matrix.to(self.base.dtype).to(matrix.dtype))
+            shift = torch.finfo(self.base.dtype).eps * stored.abs().amax((-2, -1))
+            info = torch.linalg.cholesky_ex(stored - shift[..., None, None] * _eye_like(stored))[1]
+            codes = torch.where((codes == 0) & (info != 0), Reason.INFEASIBLE_RESULT.code, codes)
         codes = torch.where(finite, codes, Reason.NON_FINITE_UPDATE.code)
         figures = {"update_logabsdet": float(lad.abs().nan_to_num(math.inf).amax())}
         data = (matrix, inv, self.logabsdet_base + 2 * lad, factors)
