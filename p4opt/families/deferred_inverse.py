@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from p4opt._typing import Tensor
+from p4opt.linalg._common import _solver_dtype
 
 __all__ = ["DeferredInverse"]
 
@@ -94,7 +95,7 @@ class DeferredInverse:
         r""":math:`A^{-T}` in ``dtype`` from the pending factors rounded into ``dtype``."""
         factors, pivots, scale = self._pending_lu  # type: ignore[misc]
         # LU solves have no half-precision kernels: float16 / bfloat16 layers solve in float32
-        work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        work = _solver_dtype(dtype)
         eye = _identity(factors.shape[-1], work, factors.device)
         with torch.no_grad():
             # column-major A^{-1}, whose transpose is a row-major A^{-T}

@@ -25,10 +25,9 @@ import torch
 from p4opt._autograd import Function
 from p4opt._typing import Tensor
 from p4opt.errors import ShapeError
+from p4opt.linalg._common import _HALF
 
 __all__ = ["cayley_apply", "cayley_apply_at_zero"]
-
-_LOW = (torch.float16, torch.bfloat16)
 
 
 def _check(x: Tensor, generator: Tensor, name: str) -> None:
@@ -75,7 +74,7 @@ def cayley_apply(x: Tensor, generator: Tensor) -> Tensor:
     1.0
     """
     _check(x, generator, "cayley_apply")
-    if x.dtype in _LOW or generator.dtype in _LOW:  # LU has no half-precision kernels
+    if x.dtype in _HALF or generator.dtype in _HALF:  # LU has no half-precision kernels
         return cayley_apply(x.float(), generator.float()).to(x.dtype)
     skew = generator - generator.mT
     right = skew.mul(-0.5)  # I - S/2, written on the diagonal in place (no identity built)

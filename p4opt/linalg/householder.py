@@ -21,7 +21,7 @@ import torch
 from p4opt._autograd import Function
 from p4opt._typing import Tensor
 from p4opt.errors import ShapeError
-from p4opt.linalg._common import _eye_like
+from p4opt.linalg._common import _HALF, _eye_like
 
 __all__ = ["householder_wy", "householder_wy_inverse", "householder_apply"]
 
@@ -145,7 +145,7 @@ def householder_apply(x: Tensor, w: Tensor, precision: torch.dtype | None = None
             return flat.reshape(x.shape)
     elif x.ndim != 2:
         return householder_apply(x.reshape(-1, x.shape[-1]), w, precision).reshape(x.shape)
-    low = x.dtype in _LOW or w.dtype in _LOW
+    low = x.dtype in _HALF or w.dtype in _HALF
     autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
     if low or autocast:
         # the triangular solve has no half-precision kernels: run the product in float32
@@ -155,9 +155,6 @@ def householder_apply(x: Tensor, w: Tensor, precision: torch.dtype | None = None
             out = _HouseholderApply.apply(x32, w32, mask, precision)[0]
         return out.to(x.dtype)
     return _HouseholderApply.apply(x, w, _wy_mask(w.shape[-1], w.dtype, w.device), precision)[0]
-
-
-_LOW = (torch.float16, torch.bfloat16)
 
 
 class _HouseholderApply(Function):

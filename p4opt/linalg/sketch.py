@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from p4opt._typing import Tensor
+from p4opt.linalg._common import _HALF
 
 __all__ = ["range_finder", "orthonormalize"]
 
@@ -37,7 +38,7 @@ def orthonormalize(y: Tensor) -> Tensor:
     >>> bool((q.T @ q - torch.eye(4, dtype=torch.float64)).abs().max() < 1e-12)
     True
     """
-    if y.dtype in (torch.float16, torch.bfloat16):  # no half-precision factorizations
+    if y.dtype in _HALF:  # no half-precision factorizations
         return orthonormalize(y.float()).to(y.dtype)
     r, info = torch.linalg.cholesky_ex(y.mT @ y, upper=True)
     # the diagonal of a successful factorization is positive: spread^2 eps < 1e-3 reads
