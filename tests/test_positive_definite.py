@@ -405,3 +405,36 @@ def test_a_merge_whose_stored_matrix_leaves_the_cone_is_refused(dtype, smallest,
     # singular capacitance raised LinAlgError inside the merge instead of being refused
     result, unchanged, ok = _merge_towards(dtype, smallest)
     assert result.accepted == folds and unchanged != folds and ok
+
+
+@pytest.mark.parametrize("coordinates", ["whitened", "ambient"])
+def test_merge_refused_where_float64_cannot_keep_the_inverse(coordinates):
+    # one direction shrunk by 1e-6 gives condition 1e12: no float64 inverse meets validate()'s
+    # 1e-6 there, so the merge is refused and the layer stays as it was
+    holder = torch.nn.Module()
+    holder.weight = torch.nn.Parameter(torch.eye(4, dtype=torch.float64))
+    pert = p4opt.register(holder, "weight", p4opt.PositiveDefinite(
+        coordinates=coordinates, update_logdet_bounds=(-60, 60), max_update_condition=1e15,
+        seed=0))
+    base = pert.base.clone()
+    with torch.no_grad():
+        pert.delta[3, 3] = -1 + 1e-6
+    result = pert.merge()
+    assert not result.accepted and "ill-conditioned" in str(result.reason)
+    assert torch.equal(pert.base, base)
+    with torch.no_grad():  # a milder step (condition 1e6) is accepted, with an accurate inverse
+        pert.delta.zero_()
+        pert.delta[3, 3] = -1 + 1e-3
+    assert pert.merge().accepted
+    report = pert.validate()
+    assert report.ok and report.figures["condition"] > 1e5, report
+
+
+def test_merge_corrects_a_drifted_inverse():
+    holder, pert = _layer("projected")
+    with torch.no_grad():
+        pert.inv.add_(1e-7)  # drift left by earlier merges, below validate()'s tolerance
+    _perturb(pert, 0.05)
+    assert pert.merge().accepted
+    residual = p4opt.linalg.inverse_residual(pert.master, pert.inv).abs().amax()
+    assert float(residual) < 1e-12

@@ -15,7 +15,7 @@ from p4opt.errors import P4ValueError, ShapeError, SingularMatrixError, describe
 from p4opt.families import congruence as cg
 from p4opt.families.congruence import project_spd
 from p4opt.families.positive_definite_correction import PositiveDefiniteCorrection
-from p4opt.families.positive_definite_queries import PositiveDefiniteQueries
+from p4opt.families.positive_definite_queries import INVERSE_TOLERANCE, PositiveDefiniteQueries
 from p4opt.linalg._common import _eye_like
 from p4opt.perturbation import Perturbation, Proposal, Reason
 
@@ -297,6 +297,12 @@ class PositiveDefinite(PositiveDefiniteQueries, PositiveDefiniteCorrection, Pert
         codes = torch.where((codes == 0) & bad, Reason.NON_FINITE_RESULT.code, codes)
         not_pd = (matrix.diagonal(dim1=-2, dim2=-1) <= 0).any(-1)
         codes = torch.where((codes == 0) & not_pd, Reason.INFEASIBLE_RESULT.code, codes)
+        # past a condition of about 1e-7 / eps even a freshly factorized float64 inverse misses
+        # validate()'s tolerance: refuse, as Invertible's rank-k merges do (O(n^2) per merge)
+        far = linalg.loses_inverse_accuracy(
+            matrix.abs().amax((-2, -1)), inv.abs().amax((-2, -1)), inv.dtype
+        )
+        codes = torch.where((codes == 0) & far, Reason.ILL_CONDITIONED_UPDATE.code, codes)
         if self.base.dtype != matrix.dtype and bool((codes == 0).any()):
             # the layer stores the merged matrix rounded into its dtype: near the cone's
             # boundary (condition past about 1 / eps of that dtype) the rounding is indefinite,
@@ -324,6 +330,12 @@ class PositiveDefinite(PositiveDefiniteQueries, PositiveDefiniteCorrection, Pert
         partial = ok & (proposal.scale < 1)  # type: ignore[operator]
         if bool(partial.any()):  # the step was cut back; the rest is discarded
             self.restart(partial, folded=True)
+        # congruence updates add their rounding to the tracked inverse, amplified by the
+        # condition number: correct at once (Cholesky, O(n^3)) when the probe sees a hundredth
+        # of validate()'s tolerance (two matrix-vector products per merge)
+        drift = float(linalg.probe_inverse_residual(self.master, self.inv).amax())
+        if not drift <= 0.01 * INVERSE_TOLERANCE:
+            self.correct()
 
     def extra_repr(self) -> str:
         return (

@@ -16,6 +16,9 @@ from p4opt.perturbation import ValidationReport
 __all__ = ["PositiveDefiniteQueries"]
 
 
+#: ``validate()``'s tolerance of the inverse and log-determinant errors (float64 bookkeeping).
+INVERSE_TOLERANCE = 1e-6
+
 class PositiveDefiniteQueries:
     r"""Queries on the current SPD matrix :math:`W` of a :class:`~p4opt.PositiveDefinite`.
 
@@ -115,7 +118,8 @@ class PositiveDefiniteQueries:
             "layer_min_eigenvalue": float((stored[..., 0] / stored[..., -1]).amin()),
             "base_rounding": float((self.base.double() - self.master).abs().amax()) / scale,
         }
-        tolerances = {"symmetry_error": 0.0, "inverse_error": 1e-6, "logdet_error": 1e-6}
+        tol = INVERSE_TOLERANCE
+        tolerances = {"symmetry_error": 0.0, "inverse_error": tol, "logdet_error": tol}
         if self.whitened:  # the tracked factor against the master copy, and its inverse
             drift = (self.factor @ self.factor.mT - self.master).abs().amax((-2, -1))
             figures["factor_error"] = float((drift / self.master.abs().amax((-2, -1))).amax())

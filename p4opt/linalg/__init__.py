@@ -28,7 +28,12 @@ from p4opt.linalg.givens import (
 )
 from p4opt.linalg.householder import householder_apply, householder_wy, householder_wy_inverse
 from p4opt.linalg.lowrank import capacitance, lemma_slogdet, woodbury_inverse, woodbury_solve
-from p4opt.linalg.merge import MERGE_REJECTIONS, LowRankCheck, low_rank_check
+from p4opt.linalg.merge import (
+    MERGE_REJECTIONS,
+    LowRankCheck,
+    loses_inverse_accuracy,
+    low_rank_check,
+)
 from p4opt.linalg.metrics import (
     condition_estimate,
     orthogonality_error,
@@ -55,6 +60,7 @@ __all__ = [
     "woodbury_solve",
     "lemma_slogdet",
     "low_rank_check",
+    "loses_inverse_accuracy",
     "low_rank_fold_",
     "low_rank_merge_",
     "LowRankCheck",

@@ -20,7 +20,7 @@ from p4opt.linalg._checks import (
 )
 from p4opt.linalg._common import _eye_like
 
-__all__ = ["LowRankCheck", "low_rank_check", "MERGE_REJECTIONS"]
+__all__ = ["LowRankCheck", "low_rank_check", "MERGE_REJECTIONS", "loses_inverse_accuracy"]
 
 #: Why a low-rank merge of a stack element is not folded, indexed by the code of
 #: :func:`low_rank_check` (the same order and spelling as :class:`p4opt.Reason`).
@@ -179,16 +179,45 @@ def low_rank_check(
     # (A + UV^T)(A + UV^T)^{-1} = I, can reach eps * mat_bound * inv_bound. An update that
     # could leave the inverse further off than the bookkeeping tolerates is ill-conditioned,
     # however well-conditioned C is (a 1 x 1 C always is)
-    amplification = torch.finfo(inv.dtype).eps * mat_bound * inv_bound
     fits = (mat_bound < torch.finfo(out_dtype or matrix.dtype).max) & (
         inv_bound < torch.finfo(inv.dtype).max
     )  # an overflow is reported as such, below
-    cancels = fits & (amplification > _CANCELLATION_LIMIT)
+    cancels = fits & loses_inverse_accuracy(mat_bound, inv_bound, inv.dtype)
     if bool(cancels.any()):
         code = torch.zeros(cancels.shape, dtype=torch.long, device=inv.device) if all_ok else code
         code = torch.where((code == 0) & cancels, _ILL_CONDITIONED, code)
     return _finish(code, (inv_u, correction, cap_sign, cap_logabsdet), lambda: (mat_old, inv_old),
                    (mat_bound, inv_bound), (inv.dtype, out_dtype or matrix.dtype))
+
+
+def loses_inverse_accuracy(matrix_bound: Tensor, inverse_bound: Tensor,
+                           dtype: torch.dtype) -> Tensor:
+    r"""Whether a matrix and its inverse, bounded entrywise by the given figures, are too far
+    apart in scale for ``dtype`` to keep :math:`AA^{-1} - I` within the bookkeeping's limit.
+
+    .. math:: \varepsilon\,\max|A|\,\max|A^{-1}| > 10^{-7}
+
+    (a lower bound of :math:`\varepsilon\kappa_\infty(A)/n`: past it, rounding alone can
+    leave the inverse further off than ``validate()`` tolerates in float64, 1e-6).
+
+    Parameters
+    ----------
+    matrix_bound, inverse_bound : Tensor, shape (*)
+        Bounds of :math:`\max|A|` and :math:`\max|A^{-1}|` (one per stack element).
+    dtype : torch.dtype
+        Dtype the inverse is kept in.
+
+    Returns
+    -------
+    Tensor of bool, shape (*)
+
+    Examples
+    --------
+    >>> import torch
+    >>> loses_inverse_accuracy(torch.tensor([1.0, 1e5]), torch.tensor([1.0, 1e5]), torch.float64)
+    tensor([False,  True])
+    """
+    return torch.finfo(dtype).eps * matrix_bound * inverse_bound > _CANCELLATION_LIMIT
 
 
 def _finish(
