@@ -19,6 +19,7 @@ __all__ = ["PositiveDefiniteQueries"]
 #: ``validate()``'s tolerance of the inverse and log-determinant errors (float64 bookkeeping).
 INVERSE_TOLERANCE = 1e-6
 
+
 class PositiveDefiniteQueries:
     r"""Queries on the current SPD matrix :math:`W` of a :class:`~p4opt.PositiveDefinite`.
 

@@ -197,7 +197,7 @@ def loses_inverse_accuracy(matrix_bound: Tensor, inverse_bound: Tensor,
 
     .. math:: \varepsilon\,\max|A|\,\max|A^{-1}| > 10^{-7}
 
-    (a lower bound of :math:`\varepsilon\kappa_\infty(A)/n`: past it, rounding alone can
+    (at least :math:`\varepsilon\kappa_\infty(A)/n^2`: past it, rounding alone can
     leave the inverse further off than ``validate()`` tolerates in float64, 1e-6).
 
     Parameters
@@ -210,6 +210,7 @@ def loses_inverse_accuracy(matrix_bound: Tensor, inverse_bound: Tensor,
     Returns
     -------
     Tensor of bool, shape (*)
+        Elementwise, no reduction: cost :math:`O(1)` per element.
 
     Examples
     --------
