@@ -3,8 +3,8 @@
 Solves ``min_Q ||X Q^T - Y||²`` with ``Y = X Q*^T`` for a random ``Q* ∈ SO(n)``, starting from
 ``Q = I``, with Adam over a small learning-rate grid, and prints, per configuration, the steps
 needed to reach ``||X Q^T - Y||² / ||Y||² <= 1e-4`` (``-`` if not within ``--max-steps``). This is
-the measurement behind the defaults of ``p4opt.Orthogonal`` (rank, merge interval, keeping the
-optimizer state across merges).
+the measurement behind the defaults of ``p4opt.Orthogonal`` (merge interval, keeping the
+optimizer state across merges; the number of reflections: ``householder_rank.py``).
 
     python benchmarks/orthogonal_tuning.py            # defaults + a few alternatives, n = 64
     python benchmarks/orthogonal_tuning.py --full     # the whole grid used to pick the defaults
