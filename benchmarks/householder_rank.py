@@ -1,6 +1,7 @@
 """Householder's number of reflections against time to target, beside geoopt.
 
-On orthogonal Procrustes (``p4opt compare``'s ``procrustes`` task, batch 4n, target 1e-4),
+On orthogonal Procrustes (``p4opt compare``'s ``procrustes`` task, batch 4n, target 1e-4; or
+its Stiefel variants with ``--task stiefel-tall`` / ``stiefel-wide``, weights n × n/4),
 every rank runs every learning rate of its grid on every seed, the rule of ``p4opt compare``
 picks one, and the step costs (÷ a plain ``nn.Linear`` step) are timed side by side in one
 run. ``steps x cost`` is the time to the target in units of a plain step: the figure the
@@ -10,6 +11,7 @@ its edge at these sizes.
 
     python benchmarks/householder_rank.py --n 512 --ranks 128 256 384 512   # about 10 minutes
     python benchmarks/householder_rank.py --n 64 --ranks 64 96 128 --steps 300
+    python benchmarks/householder_rank.py --task stiefel-tall --n 512 --ranks 128 256
 """
 
 from __future__ import annotations
@@ -44,7 +46,10 @@ def rank_method(rank: int, lrs: tuple[float, ...]) -> Method:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=512, help="matrix size (512)")
+    parser.add_argument("--task", default="procrustes",
+                        choices=["procrustes", "stiefel-tall", "stiefel-wide"],
+                        help="task of p4opt compare (procrustes)")
+    parser.add_argument("--n", type=int, default=512, help="matrix size, the long side (512)")
     parser.add_argument("--ranks", type=int, nargs="+", default=None,
                         help="numbers of reflections (default: n/4, n/2, 3n/4, n)")
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.1, 0.3],
@@ -62,11 +67,12 @@ def main() -> None:
     by_name = {m.name: m for m in baselines.METHODS}
     methods += [dataclasses.replace(by_name[p], lr_grid=PEER_GRID) for p in args.peers
                 if by_name[p].unavailable() is None]
-    runs = [tasks.make("procrustes", n, seed=s) for s in range(args.seeds)]
+    runs = [tasks.make(args.task, n, seed=s) for s in range(args.seeds)]
     start = time.perf_counter()
     result = compare_task(runs, methods, args.steps, repeats=args.repeats)
-    print(f"procrustes n={n}, batch {runs[0].batch}, {args.seeds} seeds, target "
-          f"{runs[0].target:g}; default rank {default_rank(n)}")
+    shape = tuple(runs[0].initial().shape)
+    print(f"{args.task} {shape[0]}x{shape[1]}, batch {runs[0].batch}, {args.seeds} seeds, "
+          f"target {runs[0].target:g}; default rank {default_rank(*shape)}")
     print("| method | lr | steps → target | seeds ok | cost (÷ nn.Linear) | steps × cost |")
     print("|---|---|---|---|---|---|")
     for r in result.methods:
