@@ -19,11 +19,6 @@ if TYPE_CHECKING:
 __all__ = ["TrackedInverse", "bookkeeping_tolerance", "tracked_report"]
 
 
-#: Fraction of ``validate()``'s inverse tolerance a rank-k merge may leave on the probe before
-#: it corrects at once (see :meth:`TrackedInverse._correct_if_drifted`).
-_DRIFT_LIMIT = 0.01
-
-
 class TrackedInverse(DeferredInverse):
     """Queries on the current matrix :math:`W` of a family keeping :math:`A^{-1}` and log|det A|.
 
@@ -48,8 +43,7 @@ class TrackedInverse(DeferredInverse):
         of :func:`~p4opt.linalg.probe_inverse_residual` (two matrix-vector products per
         merge): Woodbury errors add up between scheduled corrections and are amplified as
         :math:`A` loses condition, which partial merges towards a singular matrix do."""
-        drift = float(linalg.probe_inverse_residual(matrix, inv).amax())
-        if not drift <= _DRIFT_LIMIT * bookkeeping_tolerance(inv.dtype, inv.shape[-1]):
+        if linalg.inverse_drifted(matrix, inv, bookkeeping_tolerance(inv.dtype, inv.shape[-1])):
             self.correct()  # type: ignore[attr-defined]
 
     def _matrix(self) -> Tensor:

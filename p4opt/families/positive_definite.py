@@ -333,8 +333,7 @@ class PositiveDefinite(PositiveDefiniteQueries, PositiveDefiniteCorrection, Pert
         # congruence updates add their rounding to the tracked inverse, amplified by the
         # condition number: correct at once (Cholesky, O(n^3)) when the probe sees a hundredth
         # of validate()'s tolerance (two matrix-vector products per merge)
-        drift = float(linalg.probe_inverse_residual(self.master, self.inv).amax())
-        if not drift <= 0.01 * INVERSE_TOLERANCE:
+        if linalg.inverse_drifted(self.master, self.inv, INVERSE_TOLERANCE):
             self.correct()
 
     def extra_repr(self) -> str:

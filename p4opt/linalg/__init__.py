@@ -36,6 +36,7 @@ from p4opt.linalg.merge import (
 )
 from p4opt.linalg.metrics import (
     condition_estimate,
+    inverse_drifted,
     orthogonality_error,
     probe_inverse_residual,
     spd_condition,
@@ -87,6 +88,7 @@ __all__ = [
     "condition_estimate",
     "orthogonality_error",
     "probe_inverse_residual",
+    "inverse_drifted",
     "spd_condition",
     "sum_complement",
     "random_orthogonal",

@@ -11,6 +11,7 @@ from p4opt._typing import Tensor
 from p4opt.linalg._common import _eye_like
 
 __all__ = [
+    "inverse_drifted",
     "orthogonality_error",
     "spd_condition",
     "condition_estimate",
@@ -210,6 +211,24 @@ def probe_inverse_residual(a: Tensor, x: Tensor) -> Tensor:
     z = _probe(a.shape[-1], a.dtype, a.device)[:, None]  # a column: stacks broadcast
     r = a @ (x @ z) - z
     return r.abs().amax((-2, -1)) / z.abs().amax()
+
+
+def inverse_drifted(a: Tensor, x: Tensor, tolerance: float) -> bool:
+    r"""Whether the tracked inverse ``x`` of ``a`` misses by more than a hundredth of
+    ``tolerance`` on the probe of :func:`probe_inverse_residual` (the largest over a stack).
+
+    The rule by which families correct their tracked inverse at once after a merge, before
+    errors that add up between scheduled corrections reach ``validate()``'s ``tolerance``.
+    Cost :math:`O(n^2)` per matrix and one host synchronization.
+
+    Examples
+    --------
+    >>> import torch
+    >>> a = torch.tensor([[4.0, 1.0], [2.0, 3.0]], dtype=torch.float64)
+    >>> inverse_drifted(a, torch.linalg.inv(a), 1e-6), inverse_drifted(a, a, 1e-6)
+    (False, True)
+    """
+    return not float(probe_inverse_residual(a, x).amax()) <= 0.01 * tolerance
 
 
 @functools.lru_cache(maxsize=16)
