@@ -65,7 +65,10 @@ class P4Optimizer(torch.optim.Optimizer):
     ``merge_every``-th step each registered perturbation whose tensors are in the param
     groups merges (:meth:`p4opt.Perturbation.merge`). The wrapped optimizer's state of
     exactly the tensors a merge reports stale is dropped; no other state is touched
-    (optimizers with one global state, such as LBFGS, have it reset).
+    (optimizers with one global state, such as LBFGS, have it reset). After each step the
+    version counters of the perturbations' tensors that had a gradient are bumped, so an
+    optimizer that writes ``p.data`` (which torch does not count) is seen by the families'
+    caches like any other.
 
     Parameters
     ----------
@@ -225,6 +228,7 @@ class P4Optimizer(torch.optim.Optimizer):
             self.counters.steps_skipped += 1
             return None
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        self._mark_updated()
         self.counters.steps += 1
         steps = self.counters.steps
         for pert in self.perturbations:
@@ -238,6 +242,20 @@ class P4Optimizer(torch.optim.Optimizer):
         if due:
             self._merge(due)
         return loss
+
+    def _mark_updated(self) -> None:
+        """Bump the version counter of every trainable tensor the step may have changed.
+
+        An optimizer that writes ``p.data`` leaves the counter as it was, and the families
+        key their caches on it (a pending update known to be zero, a cached inverse): without
+        the bump, a query between merges could answer for the tensor before the step.
+        """
+        stepped = [
+            p for pert in self.perturbations for p in pert.parameters(recurse=False)
+            if p.grad is not None
+        ]
+        if stepped:
+            torch.autograd.graph.increment_version(stepped)
 
     def _gradients_finite(self) -> bool:
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]

@@ -399,6 +399,42 @@ def test_factored_inference_solve_follows_every_change_of_the_update():
         assert (cached - pert.solve(y).detach()).abs().max() < 1e-12, change
 
 
+class _DataSGD(torch.optim.Optimizer):
+    """Plain SGD written the old way, through ``p.data``: no version counter moves."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.data.add_(p.grad, alpha=-group["lr"])
+
+
+@pytest.mark.parametrize("update", ["projected", "factored"])
+def test_queries_between_merges_follow_an_optimizer_that_writes_param_data(update):
+    # the families cache on version counters (Δ known to be zero, a cached inverse); a step
+    # through p.data must not leave a query answering for the tensors before the step
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 6, bias=False, dtype=F64)
+    pert = p4opt.register(lin, "weight", p4opt.Invertible(update=update, rank=3, seed=0))
+    opt = p4opt.P4Optimizer(_DataSGD(lin.parameters(), lr=0.01), merge_every=3)
+    x, y = torch.randn(8, 6, dtype=F64), torch.randn(4, 6, dtype=F64)
+    for step in range(1, 6):
+        with torch.no_grad():
+            pert.solve(y)  # fills the inference cache of the factored rule
+        (lin(x).square().sum() - pert.logabsdet()).backward()
+        opt.step()
+        opt.zero_grad()
+        w = lin.weight.detach()
+        assert step % 3 == 0 or bool((w != pert.base).any())  # a pending update between merges
+        assert abs(float(pert.logabsdet().detach()) - float(torch.linalg.slogdet(w)[1])) < 1e-10
+        with torch.no_grad():
+            solved = pert.solve(y)
+        assert (solved - torch.linalg.solve(w, y.mT).mT).abs().max() < 1e-10
+
+
 def test_the_default_whole_step_rule_follows_dense_adam_with_exact_bookkeeping():
     # up to n = 512 the default folds the whole step: the iterates are dense Adam's
     from p4opt.studies.tasks import GaussianML

@@ -520,6 +520,24 @@ def test_cayley_rotation_is_special_orthogonal_and_passes_gradcheck(shape):
     assert torch.autograd.gradcheck(lo.cayley_apply, (x, gen))
 
 
+@pytest.mark.parametrize("scale", [1e-4, 1e-3])
+def test_cayley_float32_merge_is_as_accurate_as_float64_rounded(scale):
+    # the merge forms QG in float32 as Q + Q(G - I): for the small generator of one step the
+    # solve rounds only the increment, so the result is the float64 product rounded to float32
+    # (forming (Q + QS/2)(I - S/2)^{-1} in float32 rounds the whole product: ~1-2 eps off, an
+    # orthogonality error of ~4-7 eps)
+    g = torch.Generator().manual_seed(23)
+    eps = torch.finfo(torch.float32).eps
+    for n in (64, 256):
+        q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))[0].float()
+        gen = (scale * torch.randn(n, n, generator=g, dtype=F64)).float()
+        exact = lo.cayley_apply(q.double(), gen.double())
+        merged = lo.cayley_apply(q, gen).double()
+        assert float((merged - exact).abs().max()) < 0.5 * eps
+        rounded = float(lo.orthogonality_error(exact.float().double()))
+        assert float(lo.orthogonality_error(merged)) < 1.5 * rounded + 0.1 * eps
+
+
 @pytest.mark.parametrize("shape", [(6, 6), (2, 6, 6)])
 def test_cayley_at_zero_has_the_exact_gradient_at_zero(shape):
     g = torch.Generator().manual_seed(22)

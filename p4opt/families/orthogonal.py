@@ -49,7 +49,8 @@ class Orthogonal(Perturbation):
     factor, when its orthogonality error exceeds the tolerance of :meth:`validate` (or
     ``100 max(n, p)`` machine epsilons if smaller); with ``group="SO"`` a matrix with
     :math:`\det < 0` is mapped to the nearest matrix of :math:`SO(n)`. Merges are computed in
-    float64 and rounded into the layer's dtype; every ``correct_every`` merges the base is
+    float64 (Cayley: in the layer's dtype, float32 at least, as an increment) and rounded
+    into the layer's dtype; every ``correct_every`` merges the base is
     re-orthonormalized by Newton–Schulz polar steps (:math:`O(n^3)`). The optimizer's state is
     kept across merges (``reset_optimizer_state = False``); the default rank and merge
     interval were chosen by measurement (see the documentation's Orthogonal page).
@@ -207,10 +208,12 @@ class Orthogonal(Perturbation):
         return self.strategy.rotate(x)
 
     def propose(self) -> Proposal:
-        """The rotated base in float64 (the template rejects non-finite elements); the
-        strategy says when the product must be re-orthonormalized before it is folded."""
-        candidate = self.apply(self.base.to(torch.float64))
+        """The rotated base, in the strategy's merge dtype (float64 unless the strategy says
+        otherwise; the template rejects non-finite elements); the strategy says when the
+        product must be re-orthonormalized before it is folded."""
+        candidate = self.apply(self.base.to(self.strategy.merge_dtype(self.base.dtype)))
         if self.strategy.merge_needs_refining() and bool(torch.isfinite(candidate).all()):
+            candidate = candidate.to(torch.float64)
             candidate = rotations.refine_orthogonal(candidate, special=self._special)[0]
         return Proposal(candidate=candidate)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import abc
 from typing import TYPE_CHECKING, ClassVar
 
+import torch
+
 from p4opt._typing import Tensor
 
 if TYPE_CHECKING:
@@ -57,6 +59,11 @@ class Rotation(abc.ABC):
     @abc.abstractmethod
     def rotate(self, x: Tensor) -> Tensor:
         """:math:`x\\,G` for vectors ``x[..., n]`` in ``x``'s dtype (differentiable)."""
+
+    def merge_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype in which a merge forms :math:`QG` for a layer of ``dtype`` (default
+        float64, whatever the layer's: the strategy's products carry more than rounding)."""
+        return torch.float64
 
     def merge_needs_refining(self) -> bool:
         """Whether the float64 merge of the pending rotation may miss orthogonality by more

@@ -28,7 +28,8 @@ class Cayley(Rotation):
     merge after the step folds the exact rotation into the base. Between merges the generator
     is zero, so the layer's forward pass is the base itself and the backward pass costs one
     product (:func:`~p4opt.linalg.cayley_apply_at_zero`, the exact gradient at zero); the
-    :math:`O(n^3)` LU solve runs once per merge, in float64. A generator that is not zero
+    :math:`O(n^3)` LU solve runs once per merge, in the layer's dtype (float32 at least; see
+    :meth:`merge_dtype`). A generator that is not zero
     (merges less often than every step, an update left pending) goes through the LU solve
     (:func:`~p4opt.linalg.cayley_apply`) in the forward pass as well.
 
@@ -69,6 +70,13 @@ class Cayley(Rotation):
         """Back to a zero generator (the optimizer's moments keep their meaning: the
         generator's coordinates are those of the tangent space at the merged base)."""
         self.identity(mask)
+
+    def merge_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The layer's dtype, float32 at least: :func:`~p4opt.linalg.cayley_apply` rounds only
+        the increment :math:`Q(G - I)` of one step, whose error is far below the rounding of
+        the merged matrix into the layer's dtype, so float64 would buy nothing (half
+        precision has no LU kernels)."""
+        return torch.promote_types(dtype, torch.float32)
 
     def merge_needs_refining(self) -> bool:
         r"""Whether :math:`\lVert S\rVert_F` exceeds ``1e3``, where the LU solve's error
