@@ -59,7 +59,9 @@ class Orthogonal(Perturbation):
     ----------
     method : {"householder", "givens", "cayley"}
         ``"givens"`` takes single matrices, square or rectangular (no stacks).
-        ``"cayley"`` sets ``default_merge_every`` to 1.
+        ``"cayley"`` sets ``default_merge_every`` to 1; its generator's entries are angles, so
+        it wants a smaller learning rate than Householder (the documentation's Orthogonal
+        page compares the two and says when to pick which).
     rank : int, optional
         ``"householder"``: number of reflections (even, ``2 <= k <= 4 max(n, p)``), default
         :func:`default_rank` ``(n, p)``. ``"givens"``: number of layers ``L`` (at least 1),
