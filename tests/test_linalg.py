@@ -276,6 +276,21 @@ def test_condition_estimate_is_a_close_lower_bound_and_settles_large_checks(k):
         assert torch.equal(exceeds, _condition(stack) > limit)
 
 
+@pytest.mark.parametrize("n", [1, 5, 64, 256])
+def test_spectral_norm_estimate_is_a_close_lower_bound(n):
+    # the Cayley merge picks its precision by it: it must never overstate the norm, and must
+    # come close for the spread spectra of random (skew) steps, stacked or not
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(3, n, n, generator=g, dtype=torch.float64)
+    for m in (x, x - x.mT):
+        estimate = linalg.spectral_norm_estimate(m)
+        exact = torch.linalg.matrix_norm(m, 2)
+        assert estimate.shape == (3,)
+        assert bool((estimate <= exact * (1 + 1e-12)).all())
+        assert bool((estimate >= 0.8 * exact).all()), (estimate, exact)
+    assert float(linalg.spectral_norm_estimate(torch.zeros(4, 4))) == 0.0
+
+
 @pytest.mark.parametrize("n", [1, 8, 64])
 def test_spd_condition_is_a_tight_lower_bound_of_the_eigenvalue_ratio(n):
     g = torch.Generator().manual_seed(n)

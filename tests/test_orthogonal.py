@@ -538,6 +538,21 @@ def test_cayley_float32_merge_is_as_accurate_as_float64_rounded(scale):
         assert float(lo.orthogonality_error(merged)) < 1.5 * rounded + 0.1 * eps
 
 
+def test_cayley_large_float32_rotations_are_merged_in_float64():
+    # a step of a large generator (an exploding rate) would leave float32 errors of
+    # eps * |S| per merge, adding up to the tolerance within a few merges; merged in float64
+    # (the strategy's merge dtype) the layer stays within rounding
+    lin, pert = make_layer(6, dtype=torch.float32, method="cayley", correct_every=None)
+    gen = torch.Generator().manual_seed(24)
+    assert pert.strategy.merge_dtype(torch.float32) == torch.float32  # a zero generator
+    for _ in range(6):
+        perturb(pert, gen, scale=30.0)
+        assert pert.strategy.merge_dtype(torch.float32) == torch.float64
+        assert pert.merge().accepted
+    assert float(lo.orthogonality_error(lin.weight.detach().double())) < 2e-6
+    assert pert.validate().ok
+
+
 @pytest.mark.parametrize("shape", [(6, 6), (2, 6, 6)])
 def test_cayley_at_zero_has_the_exact_gradient_at_zero(shape):
     g = torch.Generator().manual_seed(22)

@@ -40,6 +40,7 @@ from p4opt.linalg.metrics import (
     orthogonality_error,
     probe_inverse_residual,
     spd_condition,
+    spectral_norm_estimate,
     sum_complement,
 )
 from p4opt.linalg.partial import feasible_scale
@@ -88,6 +89,7 @@ __all__ = [
     "condition_estimate",
     "orthogonality_error",
     "probe_inverse_residual",
+    "spectral_norm_estimate",
     "inverse_drifted",
     "spd_condition",
     "sum_complement",

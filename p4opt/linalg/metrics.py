@@ -17,6 +17,7 @@ __all__ = [
     "condition_estimate",
     "sum_complement",
     "probe_inverse_residual",
+    "spectral_norm_estimate",
 ]
 
 
@@ -99,6 +100,43 @@ def spd_condition(matrix: Tensor, inverse: Tensor, steps: int = 12) -> Tensor:
     estimate = top * bottom
     usable = (top > 0) & (bottom > 0) & torch.isfinite(estimate)
     return torch.where(usable, estimate, math.inf)
+
+
+def spectral_norm_estimate(matrix: Tensor, steps: int = 4) -> Tensor:
+    r"""A lower bound of the spectral norm :math:`\lVert M\rVert_2` by power iteration.
+
+    ``steps`` power iterations on :math:`M^TM` from a fixed start vector, then
+    :math:`\lVert Mx\rVert` for the last unit vector :math:`x`: never above the true norm; how
+    close it comes depends on the gap between the two largest singular values (a rule built
+    on it must leave a margin; the unit tests check at least 0.8 of the norm for Gaussian
+    and skew-symmetric matrices of size 1 to 256). :math:`O(\text{steps}\cdot n^2)` where
+    :func:`torch.linalg.matrix_norm` with ``ord=2`` costs an SVD.
+
+    Parameters
+    ----------
+    matrix : Tensor, shape (*, n, n)
+        Square matrices (only matrix-vector products are taken).
+    steps : int
+        Power iterations (at least 1).
+
+    Returns
+    -------
+    Tensor, shape (*)
+        In the input's dtype; NaN where the input is not finite, 0 for a zero matrix.
+
+    Examples
+    --------
+    >>> import torch
+    >>> s = torch.tensor([[0.0, -3.0], [3.0, 0.0]], dtype=torch.float64)
+    >>> round(float(spectral_norm_estimate(s)), 12)
+    3.0
+    """
+    x = _probe(matrix.shape[-1], matrix.dtype, matrix.device)
+    x = (x / x.norm()).expand(*matrix.shape[:-1]).unsqueeze(-1)
+    for _ in range(max(1, steps)):
+        y = matrix.mT @ (matrix @ x)
+        x = y / y.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(matrix.dtype).tiny)
+    return (matrix @ x).norm(dim=(-2, -1))
 
 
 def condition_estimate(

@@ -18,6 +18,9 @@ __all__ = ["Cayley"]
 #: :meth:`Cayley.merge_needs_refining`); healthy training stays far below (Adam's steps of
 #: size ``lr`` per entry give about ``lr * n``).
 _REFINE_ABOVE = 1e3
+#: Largest spectral norm of the skew generator merged in float32 by a float32 layer (see
+#: :meth:`Cayley.merge_dtype`).
+_FLOAT32_MERGE_BELOW = 4.0
 
 
 class Cayley(Rotation):
@@ -72,11 +75,33 @@ class Cayley(Rotation):
         self.identity(mask)
 
     def merge_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """The layer's dtype, float32 at least: :func:`~p4opt.linalg.cayley_apply` rounds only
-        the increment :math:`Q(G - I)` of one step, whose error is far below the rounding of
-        the merged matrix into the layer's dtype, so float64 would buy nothing (half
-        precision has no LU kernels)."""
-        return torch.promote_types(dtype, torch.float32)
+        r"""The layer's dtype, float32 at least, for the steps of ordinary training; float64
+        for a large rotation.
+
+        :func:`~p4opt.linalg.cayley_apply` rounds only the increment :math:`Q(G - I)`, with
+        an error of about :math:`\varepsilon\,\kappa(I - S/2)\lVert G - I\rVert`, where
+        :math:`\kappa(I - S/2) = (1 + \lVert S\rVert_2^2/4)^{1/2}`: for
+        :math:`\lVert S\rVert_2 \le 4` a few machine epsilons, the size of the rounding of the
+        merged matrix into the layer's dtype, so float64 would buy nothing. A larger step (an
+        exploding learning rate, momentum at a large rate) would leave errors that add up
+        over the merges until the next correction, so it is merged in float64. The norm is
+        bounded by :math:`2\lVert X\rVert_F` (one reduction), and where that bound exceeds 4
+        estimated by four power iterations, :math:`O(n^2)`
+        (:func:`~p4opt.linalg.spectral_norm_estimate`, a lower bound: the float32 path can
+        take a norm somewhat above 4, where the error is still a few epsilons).
+        """
+        working = torch.promote_types(dtype, torch.float32)
+        if working == torch.float64:
+            return working
+        skew = self.pert.skew.detach().to(working)
+        # 2 ||X||_F bounds ||S||_F >= ||S||_2 in one reduction and settles most steps (an
+        # optimizer's step of a skew gradient is skew: then the bound is ||S||_F itself)
+        bound = 2 * torch.linalg.vector_norm(skew, dim=(-2, -1))
+        if bool((bound <= _FLOAT32_MERGE_BELOW).all()):
+            return working
+        if bool((rotations.spectral_norm_estimate(skew - skew.mT) <= _FLOAT32_MERGE_BELOW).all()):
+            return working
+        return torch.float64
 
     def merge_needs_refining(self) -> bool:
         r"""Whether :math:`\lVert S\rVert_F` exceeds ``1e3``, where the LU solve's error
