@@ -84,6 +84,55 @@ def test_cayley_reaches_every_stiefel_point_merging_every_step(shape):
     assert _gram_error(module.weight) < 1e-12 and pert.validate().ok
 
 
+@pytest.mark.parametrize("stack", [(), (3,)])
+def test_cayley_stiefel_kernel_is_the_dense_cayley_rotation_of_its_generator(stack):
+    # S = V^T Z - Z^T V: the rank-2k formula must give the dense Cayley rotation of S, an
+    # orthogonal matrix, and autograd's gradients of it must pass gradcheck
+    g = torch.Generator().manual_seed(31)
+    k, m = 3, 10
+    v = _stiefel((*stack, m, k), 31).mT  # orthonormal rows (*, k, m)
+    z = torch.randn(*stack, k, m, generator=g, dtype=torch.float64)
+    s = v.mT @ z - z.mT @ v
+    eye = torch.eye(m, dtype=torch.float64).expand(*stack, m, m)
+    dense = linalg.cayley_apply(eye, s / 2)  # generator X = S/2: X - X^T = S
+    fast = linalg.cayley_stiefel_apply(eye, v, z)
+    assert float((fast - dense).abs().max()) < 1e-13
+    assert float(linalg.orthogonality_error(fast).amax()) < 1e-13
+    x = torch.randn(*stack, 4, m, generator=g, dtype=torch.float64, requires_grad=True)
+    z.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, z: linalg.cayley_stiefel_apply(x, v, z), (x, z))
+
+
+@pytest.mark.parametrize("stack", [(), (2,)])
+def test_cayley_stiefel_at_zero_has_the_exact_gradient_at_zero(stack):
+    g = torch.Generator().manual_seed(32)
+    v = _stiefel((*stack, 9, 3), 32).mT
+    for x in (torch.randn(*stack, 5, 9, generator=g, dtype=torch.float64), v.clone()):
+        probe = torch.randn(x.shape, generator=g, dtype=torch.float64)
+        grads = []
+        for fn in (linalg.cayley_stiefel_apply, linalg.cayley_stiefel_apply_at_zero):
+            z = torch.zeros(v.shape, dtype=torch.float64, requires_grad=True)
+            xx = x.clone().requires_grad_()
+            out = fn(xx, v, z)
+            assert float((out.detach() - x).abs().max()) < 1e-15
+            (out * probe).sum().backward()
+            grads.append((z.grad, xx.grad))
+        (z_exact, x_exact), (z_fast, x_fast) = grads
+        assert float((z_exact - z_fast).abs().max()) < 1e-13
+        assert float((x_exact - x_fast).abs().max()) < 1e-13
+
+
+@pytest.mark.parametrize("shape", [(20, 6), (6, 20), (3, 8, 5)])
+def test_cayley_on_a_stiefel_weight_trains_k_by_m_entries(shape):
+    # the generator of a rectangular weight is Z (k, m), not a dense m x m matrix
+    module, pert, opt, losses = _fit(shape, steps=40, merge_every=1, lr=0.03, method="cayley")
+    k, m = min(shape[-2:]), max(shape[-2:])
+    assert tuple(pert.tangent.shape) == (*shape[:-2], k, m)
+    assert not hasattr(pert, "skew") or "skew" not in pert._parameters
+    assert losses[-1] < 0.2 * losses[0]
+    assert _gram_error(module.weight) < 1e-12 and pert.validate().ok
+
+
 @pytest.mark.parametrize("method", ["householder", "givens", "cayley"])
 @pytest.mark.parametrize("shape", [(9, 4), (4, 9), (3, 6, 6)])
 def test_merge_leaves_the_output_unchanged(shape, method):
@@ -187,30 +236,33 @@ def test_group_defaults_to_so_for_square_and_none_for_rectangular():
     assert p4opt.register(lin, "weight", p4opt.Orthogonal(group="O")).validate().ok
 
 
+@pytest.mark.parametrize(("method", "rank", "name"),
+                         [("householder", 4, "vectors"), ("cayley", None, "tangent")])
 @pytest.mark.parametrize("shape", [(8, 3), (3, 8)])
-def test_autocast_bfloat16_and_torch_func_grad(shape):
+def test_autocast_bfloat16_and_torch_func_grad(shape, method, rank, name):
     lin = torch.nn.Linear(shape[1], shape[0], bias=False)
-    pert = p4opt.register(lin, "weight", p4opt.Orthogonal(rank=4, seed=0))
+    pert = p4opt.register(lin, "weight", p4opt.Orthogonal(method, rank, seed=0))
     x = torch.randn(5, shape[1])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = lin(x)
     assert out.dtype == torch.bfloat16
     out.float().square().sum().backward()
-    assert torch.isfinite(pert.vectors.grad).all() and pert.vectors.grad.abs().sum() > 0
+    trained = getattr(pert, name)
+    assert torch.isfinite(trained.grad).all() and trained.grad.abs().sum() > 0
 
     from torch.func import functional_call, grad
 
     lin64 = torch.nn.Linear(shape[1], shape[0], bias=False, dtype=torch.float64)
-    pert64 = p4opt.register(lin64, "weight", p4opt.Orthogonal(rank=4, seed=0))
+    pert64 = p4opt.register(lin64, "weight", p4opt.Orthogonal(method, rank, seed=0))
     x64 = x.double()
     params = dict(lin64.named_parameters())
 
     def loss(p):
         return functional_call(lin64, p, (x64,)).square().sum()
 
-    via_func = grad(loss)(params)["parametrizations.weight.0.vectors"]
+    via_func = grad(loss)(params)[f"parametrizations.weight.0.{name}"]
     loss(params).backward()
-    assert (via_func - pert64.vectors.grad).abs().max() < 1e-12
+    assert (via_func - getattr(pert64, name).grad).abs().max() < 1e-12
 
 
 def test_the_orthogonal_page_example_runs_and_keeps_the_property(capsys):
@@ -240,3 +292,14 @@ def test_correction_reorthonormalizes_a_drifted_base(shape):
     assert figures["orthogonality_error"] < 1e-14 and _gram_error(pert.base) < 1e-14
     assert (pert.base - drifted).abs().max() < 1e-5  # a small fix, not a new point
     assert pert.merge().corrected  # and on the merge schedule
+
+
+def test_cayley_stiefel_kernels_name_mismatched_shapes():
+    from p4opt.errors import ShapeError
+
+    x, rows = torch.zeros(3, 5), torch.zeros(2, 5)
+    for fn in (linalg.cayley_stiefel_apply, linalg.cayley_stiefel_apply_at_zero):
+        with pytest.raises(ShapeError, match=fn.__name__ + r".*tangent \(2, 4\)"):
+            fn(x, rows, torch.zeros(2, 4))
+        with pytest.raises(ShapeError, match=r"x \(3, 4\)"):
+            fn(torch.zeros(3, 4), rows, torch.zeros(2, 5))

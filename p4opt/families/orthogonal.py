@@ -43,7 +43,8 @@ class Orthogonal(Perturbation):
     pair once: :math:`O(n^2L)`, elementwise work, so slower per step than Householder beyond
     small ``n``) or :class:`~p4opt.families.rotations.Cayley` (the Cayley transform of a
     dense generator :math:`X`, :math:`n^2` trainable entries, merged after every step: the
-    forward pass is the base itself and the merge one :math:`O(n^3)` LU solve).
+    forward pass is the base itself and the merge one :math:`O(n^3)` LU solve; a rectangular
+    weight trains :math:`Z` of its own shape instead, merged in :math:`O(mk^2)`).
 
     Registration maps each matrix to the nearest orthogonal (or Stiefel) matrix, its polar
     factor, when its orthogonality error exceeds the tolerance of :meth:`validate` (or
@@ -202,8 +203,8 @@ class Orthogonal(Perturbation):
     def apply(self, base: Tensor) -> Tensor:
         """:math:`QG(B)`, or :math:`G(B)^TQ` for a tall weight, in the layer's dtype."""
         if base.shape[-2] > base.shape[-1]:  # orthonormal columns: rotate the long side
-            return self.strategy.rotate(base.mT).mT
-        return self.strategy.rotate(base)
+            return self.strategy.rotate_rows(base.mT).mT
+        return self.strategy.rotate_rows(base)
 
     def rotate(self, x: Tensor) -> Tensor:
         """Apply :math:`G(B)` to vectors ``x[..., m]``, ``m = max(n, p)`` (returns :math:`xG`)."""

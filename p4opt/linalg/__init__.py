@@ -18,7 +18,12 @@ Modules: :mod:`~p4opt.linalg.lowrank` (Woodbury, determinant lemma),
 
 from __future__ import annotations
 
-from p4opt.linalg.cayley import cayley_apply, cayley_apply_at_zero
+from p4opt.linalg.cayley import (
+    cayley_apply,
+    cayley_apply_at_zero,
+    cayley_stiefel_apply,
+    cayley_stiefel_apply_at_zero,
+)
 from p4opt.linalg.fold import low_rank_fold_, low_rank_merge_
 from p4opt.linalg.givens import (
     givens_apply,
@@ -82,6 +87,8 @@ __all__ = [
     "householder_apply",
     "cayley_apply",
     "cayley_apply_at_zero",
+    "cayley_stiefel_apply",
+    "cayley_stiefel_apply_at_zero",
     "givens_apply",
     "givens_layers_apply",
     "round_robin",

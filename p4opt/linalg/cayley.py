@@ -27,7 +27,12 @@ from p4opt._typing import Tensor
 from p4opt.errors import ShapeError
 from p4opt.linalg._common import _HALF
 
-__all__ = ["cayley_apply", "cayley_apply_at_zero"]
+__all__ = [
+    "cayley_apply",
+    "cayley_apply_at_zero",
+    "cayley_stiefel_apply",
+    "cayley_stiefel_apply_at_zero",
+]
 
 
 def _check(x: Tensor, generator: Tensor, name: str) -> None:
@@ -36,6 +41,14 @@ def _check(x: Tensor, generator: Tensor, name: str) -> None:
         raise ShapeError(
             f"{name}: generator must be square (*, n, n) and x (..., n) with the same n, got "
             f"x {tuple(x.shape)} and generator {tuple(generator.shape)}"
+        )
+
+
+def _check_stiefel(x: Tensor, rows: Tensor, tangent: Tensor, name: str) -> None:
+    if rows.ndim < 2 or tangent.shape != rows.shape or x.shape[-1] != rows.shape[-1]:
+        raise ShapeError(
+            f"{name}: rows and tangent must have one shape (*, k, m) and x (..., m), got x "
+            f"{tuple(x.shape)}, rows {tuple(rows.shape)} and tangent {tuple(tangent.shape)}"
         )
 
 
@@ -84,6 +97,70 @@ def cayley_apply(x: Tensor, generator: Tensor) -> Tensor:
     right = skew.mul(-0.5)  # I - S/2, written on the diagonal in place (no identity built)
     right.diagonal(dim1=-2, dim2=-1).add_(1.0)
     return x + torch.linalg.solve(right, x @ skew, left=False)
+
+
+def cayley_stiefel_apply(x: Tensor, rows: Tensor, tangent: Tensor) -> Tensor:
+    r"""Right-multiply vectors by the Cayley rotation of a rank-:math:`2k` generator.
+
+    For a point :math:`V` of the Stiefel manifold written as :math:`k` orthonormal rows
+    (:math:`VV^T = I_k`, :math:`V \in \mathbb{R}^{k\times m}`) and a trainable
+    :math:`Z` of the same shape,
+
+    .. math:: S = V^TZ - Z^TV = UJU^T, \quad U = [V^T, Z^T], \quad
+              J = \begin{pmatrix} 0 & I_k \\ -I_k & 0 \end{pmatrix},
+
+    and :math:`G = (I + S/2)(I - S/2)^{-1} \in SO(m)`. By the push-through identity
+    :math:`G - I = S(I - S/2)^{-1} = U M^{-1} J U^T` with the :math:`2k \times 2k` matrix
+    :math:`M = I - \tfrac12 J U^TU`, so
+
+    .. math:: xG = x + (xU)\,M^{-1} J\,U^T
+
+    costs :math:`O(Bmk + mk^2 + k^3)` instead of the :math:`O(m^3)` of
+    :func:`cayley_apply`. The generators :math:`V^TZ - Z^TV` span every tangent direction
+    :math:`VS` of the manifold at :math:`V` (the construction of Wen and Yin), and at
+    :math:`Z = 0` the gradient of :math:`VG` with respect to :math:`Z` is
+    :math:`\bar Y - V\bar Y^TV` for an incoming gradient :math:`\bar Y`: the Riemannian
+    gradient of the canonical metric. As in :func:`cayley_apply`, only the increment goes
+    through the solve.
+
+    Parameters
+    ----------
+    x : Tensor, shape (*, B, m)
+        Vectors, or the rows :math:`V` themselves (then the result is :math:`VG`).
+    rows : Tensor, shape (*, k, m)
+        :math:`V`, with orthonormal rows (not checked; the rotation is orthogonal only for
+        such :math:`V`).
+    tangent : Tensor, shape (*, k, m)
+        :math:`Z`. Same dtype as ``x``; half precision is computed in float32.
+
+    Returns
+    -------
+    Tensor, same shape as ``x``
+        Differentiable in ``x`` and ``tangent`` (and ``rows``) by autograd.
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> v = torch.linalg.qr(torch.randn(6, 2, generator=g, dtype=torch.float64))[0].mT
+    >>> z = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    >>> s = v.mT @ z - z.mT @ v
+    >>> eye = torch.eye(6, dtype=torch.float64)
+    >>> dense = cayley_apply(eye, s / 2)   # the same rotation, O(m^3)
+    >>> bool(torch.allclose(cayley_stiefel_apply(eye, v, z), dense))
+    True
+    """
+    _check_stiefel(x, rows, tangent, "cayley_stiefel_apply")
+    k = rows.shape[-2]
+    if x.dtype in _HALF or tangent.dtype in _HALF:  # the solve has no half-precision kernels
+        return cayley_stiefel_apply(x.float(), rows.float(), tangent.float()).to(x.dtype)
+    u_t = torch.cat([rows, tangent], dim=-2)  # U^T, shape (*, 2k, m)
+    gram = u_t @ u_t.mT  # U^T U
+    # M = I - J U^T U / 2, with J [A; B] = [B; -A] on row blocks
+    m_mat = torch.cat([gram[..., k:, :], -gram[..., :k, :]], dim=-2).mul_(-0.5)
+    m_mat.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    j_u_t = torch.cat([u_t[..., k:, :], -u_t[..., :k, :]], dim=-2)  # J U^T
+    return x + (x @ u_t.mT) @ torch.linalg.solve(m_mat, j_u_t)
 
 
 def cayley_apply_at_zero(x: Tensor, generator: Tensor) -> Tensor:
@@ -148,3 +225,68 @@ class _CayleyAtZero(Function):
                 m = x.reshape(-1, x.shape[-1]).mT @ grad.reshape(-1, grad.shape[-1])
             grad_gen = (m - m.mT).to(ctx.generator_dtype)
         return (grad if ctx.needs_input_grad[0] else None), grad_gen
+
+
+def cayley_stiefel_apply_at_zero(x: Tensor, rows: Tensor, tangent: Tensor) -> Tensor:
+    r""":func:`cayley_stiefel_apply` at a tangent known to be zero: value ``x``, exact gradient.
+
+    At :math:`Z = 0`, :math:`d(xG) = x\,dS = x(V^T dZ - dZ^T V)`, so for an incoming gradient
+    :math:`\bar Y` the gradient of :math:`Z` is :math:`(xV^T)^T\bar Y - (\bar YV^T)^Tx`
+    (:math:`\bar Y - V\bar Y^TV` for :math:`x = V`), and ``x``'s gradient is :math:`\bar Y`.
+    The caller must know that ``tangent`` is zero; its values are not read.
+
+    Parameters
+    ----------
+    x : Tensor, shape (*, B, m)
+        Vectors, or the rows :math:`V` themselves.
+    rows : Tensor, shape (*, k, m)
+        :math:`V` (orthonormal rows). No gradient is returned for it.
+    tangent : Tensor, shape (*, k, m)
+        The zero tangent whose gradient is wanted.
+
+    Returns
+    -------
+    Tensor, same shape as ``x``
+        A copy of ``x``. Cost :math:`O(Bm)` forward, :math:`O(Bmk)` backward; works under
+        :mod:`torch.func`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> v = torch.eye(2, 5, dtype=torch.float64)
+    >>> z = torch.zeros(2, 5, dtype=torch.float64, requires_grad=True)
+    >>> cayley_stiefel_apply_at_zero(v, v, z).square().sum().backward()
+    >>> z.grad.shape
+    torch.Size([2, 5])
+    """
+    _check_stiefel(x, rows, tangent, "cayley_stiefel_apply_at_zero")
+    return _CayleyStiefelAtZero.apply(x, rows, tangent)
+
+
+class _CayleyStiefelAtZero(Function):
+    """Forward and backward of :func:`cayley_stiefel_apply_at_zero`."""
+
+    @staticmethod
+    def forward(x: Tensor, rows: Tensor, tangent: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, rows, tangent = inputs
+        ctx.save_for_backward(x, rows)
+        ctx.tangent_dtype = tangent.dtype
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the value's second derivative is not G's
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
+        x, rows = ctx.saved_tensors
+        grad_tangent = None
+        if ctx.needs_input_grad[2]:
+            v = rows.to(grad.dtype)
+            if x.ndim == rows.ndim:  # (*, B, m) with the stack's shape
+                grad_tangent = (x @ v.mT).mT @ grad - (grad @ v.mT).mT @ x
+            else:  # plain vectors (..., m) against one (k, m): every leading dim is a batch
+                xs, gs = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+                grad_tangent = (xs @ v.mT).mT @ gs - (gs @ v.mT).mT @ xs
+            grad_tangent = grad_tangent.to(ctx.tangent_dtype)
+        return (grad if ctx.needs_input_grad[0] else None), None, grad_tangent

@@ -60,6 +60,11 @@ class Rotation(abc.ABC):
     def rotate(self, x: Tensor) -> Tensor:
         """:math:`x\\,G` for vectors ``x[..., n]`` in ``x``'s dtype (differentiable)."""
 
+    def rotate_rows(self, rows: Tensor) -> Tensor:
+        """:math:`VG` for the base's own rows :math:`V` (*, k, m) (default: :meth:`rotate`);
+        a strategy whose generator is built from the base takes it from here."""
+        return self.rotate(rows)
+
     def merge_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype in which a merge forms :math:`QG` for a layer of ``dtype`` (default
         float64, whatever the layer's: the strategy's products carry more than rounding)."""

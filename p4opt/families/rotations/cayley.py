@@ -39,8 +39,15 @@ class Cayley(Rotation):
     Whether the generator is zero is tested on its values (one reduction), so an optimizer
     that writes ``param.data`` directly is followed as exactly as any other.
 
-    A stack (*, n, p) has one generator per element: ``skew`` has shape (*, n, n), with
-    :math:`n` the long side.
+    A rectangular (Stiefel) weight, :math:`k` orthonormal rows :math:`V` of length :math:`m`
+    (the transpose of a tall weight), is rotated by the rank-:math:`2k` generator
+    :math:`S = V^TZ - Z^TV` with :math:`Z` trainable (``tangent``, shape (*, k, m)), which
+    spans every tangent direction at :math:`V`: forward pass, backward pass and merge cost
+    :math:`O(mk^2 + k^3)` beyond the layer's product
+    (:func:`~p4opt.linalg.cayley_stiefel_apply`), not :math:`O(m^3)`.
+
+    A stack (*, n, p) has one generator per element: ``skew`` has shape (*, n, n), or
+    ``tangent`` shape (*, k, m) for rectangular elements.
     """
 
     stacks: ClassVar[bool] = True
@@ -57,13 +64,30 @@ class Cayley(Rotation):
 
     def create(self, like: Tensor, n: int) -> None:
         pert = self.pert
-        if "skew" not in pert._parameters:
-            shape = (*like.shape[:-2], n, n)
-            pert.skew = nn.Parameter(torch.zeros(shape, dtype=like.dtype, device=like.device))
+        k = min(like.shape[-2:])
+        if k == n:  # square: a dense generator X
+            if "skew" not in pert._parameters:
+                shape = (*like.shape[:-2], n, n)
+                pert.skew = nn.Parameter(torch.zeros(shape, dtype=like.dtype, device=like.device))
+        elif "tangent" not in pert._parameters:  # Stiefel: Z of the rows' shape (*, k, m)
+            shape = (*like.shape[:-2], k, n)
+            pert.tangent = nn.Parameter(torch.zeros(shape, dtype=like.dtype, device=like.device))
+
+    def _generator(self) -> Tensor:
+        """The trainable tensor: ``skew`` (square weights) or ``tangent`` (Stiefel)."""
+        params = self.pert._parameters
+        return params["skew"] if "skew" in params else params["tangent"]  # type: ignore[return-value]
+
+    def _rows(self, dtype: torch.dtype) -> Tensor:
+        """The base as orthonormal rows :math:`V` (*, k, m): the base of a wide weight, the
+        transpose of a tall one's."""
+        base = self.pert.base
+        rows = base if base.shape[-2] < base.shape[-1] else base.mT
+        return rows.detach().to(dtype)
 
     @torch.no_grad()
     def identity(self, mask: Tensor | None = None) -> None:
-        skew = self.pert.skew
+        skew = self._generator()
         if mask is None or bool(mask.all()):
             skew.zero_()
         else:
@@ -93,13 +117,19 @@ class Cayley(Rotation):
         working = torch.promote_types(dtype, torch.float32)
         if working == torch.float64:
             return working
-        skew = self.pert.skew.detach().to(working)
+        generator = self._generator().detach().to(working)
         # 2 ||X||_F bounds ||S||_F >= ||S||_2 in one reduction and settles most steps (an
-        # optimizer's step of a skew gradient is skew: then the bound is ||S||_F itself)
-        bound = 2 * torch.linalg.vector_norm(skew, dim=(-2, -1))
+        # optimizer's step of a skew gradient is skew: then the bound is ||S||_F itself;
+        # for Stiefel, ||V^T Z - Z^T V||_F <= 2 ||Z||_F as V has orthonormal rows)
+        bound = 2 * torch.linalg.vector_norm(generator, dim=(-2, -1))
         if bool((bound <= _FLOAT32_MERGE_BELOW).all()):
             return working
-        if bool((rotations.spectral_norm_estimate(skew - skew.mT) <= _FLOAT32_MERGE_BELOW).all()):
+        if "skew" in self.pert._parameters:
+            skew = generator - generator.mT
+        else:  # rare (a large step): the dense m x m generator, O(m^2 k)
+            rows = self._rows(working)
+            skew = rows.mT @ generator - generator.mT @ rows
+        if bool((rotations.spectral_norm_estimate(skew) <= _FLOAT32_MERGE_BELOW).all()):
             return working
         return torch.float64
 
@@ -109,12 +139,27 @@ class Cayley(Rotation):
         can leave rounding level: a wild update (an exploding learning rate or loss scale)
         whose skew matrix also has a zero eigenvalue, as every odd-sized one does, put 1e-4 of
         orthogonality error into a float64 base per merge. One reduction per merge."""
-        norm = torch.linalg.vector_norm(self.pert.skew.detach(), dim=(-2, -1)).amax()
+        norm = torch.linalg.vector_norm(self._generator().detach(), dim=(-2, -1)).amax()
         return bool(2 * norm > _REFINE_ABOVE)  # ||X - X^T||_F <= 2 ||X||_F; NaN: no
 
+    def rotate_rows(self, rows: Tensor) -> Tensor:
+        if "tangent" in self.pert._parameters:
+            return self._rotate_stiefel(rows, rows.detach())
+        return self.rotate(rows)
+
     def rotate(self, x: Tensor) -> Tensor:
+        if "tangent" in self.pert._parameters:
+            return self._rotate_stiefel(x, self._rows(x.dtype))
         skew = self.pert.skew
         # the usual case between merges: no LU solve (a meta tensor has shapes only)
         if skew.device.type == "meta" or not bool(skew.detach().any()):
             return rotations.cayley_apply_at_zero(x, skew)
         return rotations.cayley_apply(x, skew.to(x.dtype))
+
+    def _rotate_stiefel(self, x: Tensor, rows: Tensor) -> Tensor:
+        """:math:`xG` for a Stiefel weight: a copy of ``x`` with the exact gradient while
+        the tangent is zero (between merges), else :math:`O(Bmk + mk^2 + k^3)`."""
+        tangent = self.pert.tangent
+        if tangent.device.type == "meta" or not bool(tangent.detach().any()):
+            return rotations.cayley_stiefel_apply_at_zero(x, rows, tangent)
+        return rotations.cayley_stiefel_apply(x, rows, tangent.to(x.dtype))
