@@ -13,7 +13,12 @@ import torch
 from p4opt._typing import StateDict, Tensor
 from p4opt._validate import check_optional_int
 from p4opt.errors import P4RuntimeError, P4TypeError, P4ValueError
-from p4opt.optimizer_checks import drop_mismatched_state, warn_short_intervals
+from p4opt.optimizer_checks import (
+    drop_mismatched_state,
+    gradients_finite,
+    mark_stepped,
+    warn_short_intervals,
+)
 from p4opt.perturbation import MergeResult, Perturbation, owner_of
 from p4opt.registry import is_sharded
 
@@ -224,11 +229,11 @@ class P4Optimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ steps
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
         """One step of the wrapped optimizer, then the merges that are due."""
-        if self.skip_nonfinite and closure is None and not self._gradients_finite():
+        if self.skip_nonfinite and closure is None and not gradients_finite(self.param_groups):
             self.counters.steps_skipped += 1
             return None
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
-        self._mark_updated()
+        mark_stepped(self.perturbations)
         self.counters.steps += 1
         steps = self.counters.steps
         for pert in self.perturbations:
@@ -242,28 +247,6 @@ class P4Optimizer(torch.optim.Optimizer):
         if due:
             self._merge(due)
         return loss
-
-    def _mark_updated(self) -> None:
-        """Bump the version counter of every trainable tensor the step may have changed.
-
-        An optimizer that writes ``p.data`` leaves the counter as it was, and the families
-        key their caches on it (a pending update known to be zero, a cached inverse): without
-        the bump, a query between merges could answer for the tensor before the step.
-        """
-        stepped = [
-            p for pert in self.perturbations for p in pert.parameters(recurse=False)
-            if p.grad is not None
-        ]
-        if stepped:
-            torch.autograd.graph.increment_version(stepped)
-
-    def _gradients_finite(self) -> bool:
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        # a finite sum proves every entry finite (one reduction, no mask); only a non-finite
-        # sum, which large finite entries can also give, pays for the entrywise test
-        return all(
-            bool(torch.isfinite(g.sum())) or bool(torch.isfinite(g).all()) for g in grads
-        )
 
     def merge(self) -> list[tuple[str, MergeResult]]:
         """Run a merge cycle for every perturbation now; returns ``(where, result)`` pairs."""

@@ -10,7 +10,7 @@ import torch
 from p4opt._typing import Tensor
 from p4opt.perturbation import Perturbation
 
-__all__ = ["warn_short_intervals", "drop_mismatched_state"]
+__all__ = ["warn_short_intervals", "drop_mismatched_state", "gradients_finite", "mark_stepped"]
 
 
 def warn_short_intervals(every: int | None, perturbations: Sequence[Perturbation]) -> None:
@@ -48,3 +48,25 @@ def drop_mismatched_state(
                     f"{tuple(param.shape)} (a checkpoint of an older p4opt); it restarts from "
                     "zero", UserWarning, stacklevel=4,
                 )
+
+
+def gradients_finite(param_groups: Sequence[dict]) -> bool:
+    """Whether every gradient in the optimizer's parameter groups is finite."""
+    grads = [p.grad for g in param_groups for p in g["params"] if p.grad is not None]
+    # a finite sum proves every entry finite (one reduction, no mask); only a non-finite
+    # sum, which large finite entries can also give, pays for the entrywise test
+    return all(bool(torch.isfinite(g.sum())) or bool(torch.isfinite(g).all()) for g in grads)
+
+
+def mark_stepped(perturbations: Sequence[Perturbation]) -> None:
+    """Bump the version counter of every perturbation tensor a step may have changed.
+
+    An optimizer that writes ``p.data`` leaves the counter as it was, and the families key
+    their caches on it (a pending update known to be zero, a cached inverse): without the
+    bump, a query between merges could answer for the tensor before the step.
+    """
+    stepped = [
+        p for pert in perturbations for p in pert.parameters(recurse=False) if p.grad is not None
+    ]
+    if stepped:
+        torch.autograd.graph.increment_version(stepped)
