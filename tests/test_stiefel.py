@@ -303,3 +303,23 @@ def test_cayley_stiefel_kernels_name_mismatched_shapes():
             fn(x, rows, torch.zeros(2, 4))
         with pytest.raises(ShapeError, match=r"x \(3, 4\)"):
             fn(torch.zeros(3, 4), rows, torch.zeros(2, 5))
+
+
+@pytest.mark.parametrize("fill", [1e6, 1e12])
+def test_cayley_stiefel_huge_tangent_gives_nan_and_a_refused_merge_not_an_error(fill):
+    # found by the bad-input campaign: a float32 tangent filled with 1e12 makes
+    # M = I - J U^T U / 2 singular in float32 (invertible in exact arithmetic); the forward
+    # pass and the merge raised LinAlgError from the solve
+    module = Weight(_stiefel((7, 8), 0, torch.float32))
+    pert = p4opt.register(module, "weight", p4opt.Orthogonal("cayley", seed=0))
+    before = pert.base.clone()
+    with torch.no_grad():
+        pert.tangent.fill_(fill)
+    module(torch.randn(3, 8))  # no error, whatever the values
+    result = pert.merge()
+    if result.accepted:  # merged in float64 and re-orthonormalized
+        assert _gram_error(module.weight) < 1e-5
+    else:
+        assert torch.equal(pert.base, before)
+    pert.identity()
+    assert pert.validate().ok

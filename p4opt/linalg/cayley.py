@@ -18,6 +18,7 @@ References
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -136,7 +137,9 @@ def cayley_stiefel_apply(x: Tensor, rows: Tensor, tangent: Tensor) -> Tensor:
     Returns
     -------
     Tensor, same shape as ``x``
-        Differentiable in ``x`` and ``tangent`` (and ``rows``) by autograd.
+        Differentiable in ``x`` and ``tangent`` (and ``rows``) by autograd. NaN for the
+        elements of a stack whose :math:`M` is singular in floating point (a huge
+        :math:`Z`, :math:`\lVert Z\rVert^2` beyond the inverse machine epsilon).
 
     Examples
     --------
@@ -160,7 +163,13 @@ def cayley_stiefel_apply(x: Tensor, rows: Tensor, tangent: Tensor) -> Tensor:
     m_mat = torch.cat([gram[..., k:, :], -gram[..., :k, :]], dim=-2).mul_(-0.5)
     m_mat.diagonal(dim1=-2, dim2=-1).add_(1.0)
     j_u_t = torch.cat([u_t[..., k:, :], -u_t[..., :k, :]], dim=-2)  # J U^T
-    return x + (x @ u_t.mT) @ torch.linalg.solve(m_mat, j_u_t)
+    # M is invertible in exact arithmetic, but for a huge Z (|Z|^2 beyond 1 / eps) it can be
+    # singular in floating point: the elements whose factorization failed come out NaN (a
+    # merge then refuses them) instead of raising
+    solved, info = torch.linalg.solve_ex(m_mat, j_u_t)
+    if bool((info != 0).any()):
+        solved = torch.where((info == 0)[..., None, None], solved, math.nan)
+    return x + (x @ u_t.mT) @ solved
 
 
 def cayley_apply_at_zero(x: Tensor, generator: Tensor) -> Tensor:
