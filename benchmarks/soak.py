@@ -1,6 +1,7 @@
 """Soak: a long float32 run with merges per family, property error checked along the way.
 
-Each family trains an ``n x n`` float32 weight (no bias) with Adam through ``p4opt.P4Optimizer``
+Each family trains an ``n x n`` float32 weight (``n/4 x n`` for ``orthogonal-cayley-stiefel``;
+no bias) with Adam through ``p4opt.P4Optimizer``
 (the family's default merge interval) on a fixed random regression task with fresh batches.
 Ten times per run (every ``--steps / 10`` steps, 25 steps early so that the check falls
 between two corrections, and at the end) the family's ``validate()`` figures are printed
@@ -43,6 +44,8 @@ FAMILIES: dict[str, Callable[[int], p4opt.Perturbation]] = {
     "orthogonal-householder": lambda n: p4opt.Orthogonal("householder", seed=0),
     "orthogonal-givens": lambda n: p4opt.Orthogonal("givens", seed=0),
     "orthogonal-cayley": lambda n: p4opt.Orthogonal("cayley", seed=0),
+    # a wide (n/4, n) Stiefel weight: the rank-2k generator V^T Z - Z^T V
+    "orthogonal-cayley-stiefel": lambda n: p4opt.Orthogonal("cayley", seed=0),
     "positive-definite": lambda n: p4opt.PositiveDefinite(seed=0),
     # the regression task: its optimum over SPD matrices lies on the cone's boundary
     "positive-definite-boundary": lambda n: p4opt.PositiveDefinite(seed=0),
@@ -74,18 +77,19 @@ def soak(family: str, steps: int, n: int = 64, lr: float = 1e-3, checks: int = 1
     """Run one family for ``steps`` steps; return the checks and the merge counts."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    lin = nn.Linear(n, n, bias=False)
+    out = n // 4 if family.endswith("-stiefel") else n  # rows of the weight
+    lin = nn.Linear(n, out, bias=False)
     with torch.no_grad():
-        q = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64)).Q
+        q = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64)).Q[:out]
         if _kind(family) == "spd":  # start at I; data covariance q diag(e^c) q^T, c ~ U(-1, 1)
             scales = (2 * torch.rand(n, generator=gen, dtype=torch.float64) - 1).exp()
             root = ((q * scales.sqrt()) @ q.T).float()
             lin.weight.copy_(torch.eye(n))
         else:
-            lin.weight.copy_(q + 0.1 * torch.randn(n, n, generator=gen, dtype=torch.float64))
+            lin.weight.copy_(q + 0.1 * torch.randn(out, n, generator=gen, dtype=torch.float64))
     pert = p4opt.register(lin, "weight", FAMILIES[family](n))
     opt = p4opt.P4Optimizer(torch.optim.Adam(lin.parameters(), lr=lr))
-    target = torch.randn(n, n, generator=gen) / math.sqrt(n)
+    target = torch.randn(out, n, generator=gen) / math.sqrt(n)
     goals = GOALS[_kind(family)]
     every = max(1, steps // checks)
     rows = []
@@ -110,8 +114,9 @@ def soak(family: str, steps: int, n: int = 64, lr: float = 1e-3, checks: int = 1
                 figures = {k: report.figures[k] for k in goals}
                 if _kind(family) == "orthogonal":  # the stored base itself, in float64
                     base = pert.base.to(torch.float64)
-                    eye = torch.eye(n, dtype=torch.float64)
-                    figures["base_orthogonality_error"] = float((base.T @ base - eye).abs().max())
+                    figures["base_orthogonality_error"] = float(
+                        p4opt.linalg.orthogonality_error(base)
+                    )
                 if _kind(family) == "spd":  # how close to the boundary, and the layer's own matrix
                     figures.update({k: report.figures[k] for k in ("condition",
                                                                     "layer_min_eigenvalue")})
