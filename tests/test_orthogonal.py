@@ -544,10 +544,10 @@ def test_cayley_large_float32_rotations_are_merged_in_float64():
     # (the strategy's merge dtype) the layer stays within rounding
     lin, pert = make_layer(6, dtype=torch.float32, method="cayley", correct_every=None)
     gen = torch.Generator().manual_seed(24)
-    assert pert.strategy.merge_dtype(torch.float32) == torch.float32  # a zero generator
+    assert pert.strategy.merge_plan(torch.float32) == (torch.float32, False)  # zero
     for _ in range(6):
         perturb(pert, gen, scale=30.0)
-        assert pert.strategy.merge_dtype(torch.float32) == torch.float64
+        assert pert.strategy.merge_plan(torch.float32)[0] == torch.float64
         assert pert.merge().accepted
     assert float(lo.orthogonality_error(lin.weight.detach().double())) < 2e-6
     assert pert.validate().ok

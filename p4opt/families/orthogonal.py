@@ -214,8 +214,9 @@ class Orthogonal(Perturbation):
         """The rotated base, in the strategy's merge dtype (float64 unless the strategy says
         otherwise; the template rejects non-finite elements); the strategy says when the
         product must be re-orthonormalized before it is folded."""
-        candidate = self.apply(self.base.to(self.strategy.merge_dtype(self.base.dtype)))
-        if self.strategy.merge_needs_refining() and bool(torch.isfinite(candidate).all()):
+        dtype, refine = self.strategy.merge_plan(self.base.dtype)
+        candidate = self.apply(self.base.to(dtype))
+        if refine and bool(torch.isfinite(candidate).all()):
             candidate = candidate.to(torch.float64)
             candidate = rotations.refine_orthogonal(candidate, special=self._special)[0]
         return Proposal(candidate=candidate)

@@ -65,16 +65,13 @@ class Rotation(abc.ABC):
         a strategy whose generator is built from the base takes it from here."""
         return self.rotate(rows)
 
-    def merge_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """The dtype in which a merge forms :math:`QG` for a layer of ``dtype`` (default
-        float64, whatever the layer's: the strategy's products carry more than rounding)."""
-        return torch.float64
-
-    def merge_needs_refining(self) -> bool:
-        """Whether the float64 merge of the pending rotation may miss orthogonality by more
-        than rounding, so that the merged matrix must be re-orthonormalized (default: never;
-        reflections and plane rotations are orthogonal entry by entry)."""
-        return False
+    def merge_plan(self, dtype: torch.dtype) -> tuple[torch.dtype, bool]:
+        """How a merge of the pending rotation is computed for a layer of ``dtype``: the dtype
+        in which it forms :math:`QG`, and whether the result may miss orthogonality by more
+        than rounding and must be re-orthonormalized. Default ``(float64, False)``: the
+        strategy's products carry more than rounding, and reflections and plane rotations are
+        orthogonal entry by entry."""
+        return torch.float64, False
 
     def upgrade_state_dict(  # noqa: B027 - optional hook, a no-op by default
         self, state_dict: dict[str, Tensor], prefix: str

@@ -15,11 +15,11 @@ from p4opt.families.rotations.base import Rotation
 __all__ = ["Cayley"]
 
 #: Norm of the skew generator above which a merge re-orthonormalizes its result (see
-#: :meth:`Cayley.merge_needs_refining`); healthy training stays far below (Adam's steps of
+#: :meth:`Cayley.merge_plan`); healthy training stays far below (Adam's steps of
 #: size ``lr`` per entry give about ``lr * n``).
 _REFINE_ABOVE = 1e3
 #: Largest spectral norm of the skew generator merged in float32 by a float32 layer (see
-#: :meth:`Cayley.merge_dtype`).
+#: :meth:`Cayley.merge_plan`).
 _FLOAT32_MERGE_BELOW = 4.0
 
 
@@ -32,7 +32,7 @@ class Cayley(Rotation):
     is zero, so the layer's forward pass is the base itself and the backward pass costs one
     product (:func:`~p4opt.linalg.cayley_apply_at_zero`, the exact gradient at zero); the
     :math:`O(n^3)` LU solve runs once per merge, in the layer's dtype (float32 at least; see
-    :meth:`merge_dtype`). A generator that is not zero
+    :meth:`merge_plan`). A generator that is not zero
     (merges less often than every step, an update left pending) goes through the LU solve
     (:func:`~p4opt.linalg.cayley_apply`) in the forward pass as well.
 
@@ -98,49 +98,49 @@ class Cayley(Rotation):
         generator's coordinates are those of the tangent space at the merged base)."""
         self.identity(mask)
 
-    def merge_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        r"""The layer's dtype, float32 at least, for the steps of ordinary training; float64
-        for a large rotation.
+    def merge_plan(self, dtype: torch.dtype) -> tuple[torch.dtype, bool]:
+        r"""The merge's dtype and whether its result is re-orthonormalized, from one norm.
 
-        :func:`~p4opt.linalg.cayley_apply` rounds only the increment :math:`Q(G - I)`, with
-        an error of about :math:`\varepsilon\,\kappa(I - S/2)\lVert G - I\rVert`, where
+        **Dtype**: the layer's, float32 at least, for the steps of ordinary training; float64
+        for a large rotation. :func:`~p4opt.linalg.cayley_apply` rounds only the increment
+        :math:`Q(G - I)`, with an error of about
+        :math:`\varepsilon\,\kappa(I - S/2)\lVert G - I\rVert`, where
         :math:`\kappa(I - S/2) = (1 + \lVert S\rVert_2^2/4)^{1/2}`: for
         :math:`\lVert S\rVert_2 \le 4` a few machine epsilons, the size of the rounding of the
         merged matrix into the layer's dtype, so float64 would buy nothing. A larger step (an
         exploding learning rate, momentum at a large rate) would leave errors that add up
         over the merges until the next correction, so it is merged in float64. The norm is
-        bounded by :math:`2\lVert X\rVert_F` (one reduction), and where that bound exceeds 4
-        estimated by four power iterations, :math:`O(n^2)`
-        (:func:`~p4opt.linalg.spectral_norm_estimate`, a lower bound: the float32 path can
-        take a norm somewhat above 4, where the error is still a few epsilons).
+        bounded by :math:`2\lVert X\rVert_F`, and where that bound exceeds 4 estimated by
+        four power iterations, :math:`O(n^2)` (:func:`~p4opt.linalg.spectral_norm_estimate`,
+        a lower bound: the float32 path can take a norm somewhat above 4, where the error is
+        still a few epsilons).
+
+        **Refining**: when :math:`\lVert S\rVert_F` may exceed ``1e3``, where the LU solve's
+        error (about :math:`\varepsilon\,\kappa(I - S/2)`) can leave rounding level: a wild
+        update (an exploding learning rate or loss scale) whose skew matrix also has a zero
+        eigenvalue, as every odd-sized one does, put 1e-4 of orthogonality error into a
+        float64 base per merge.
+
+        Both decisions read the one reduction :math:`2\lVert X\rVert_F`
+        (:math:`\ge \lVert S\rVert_F \ge \lVert S\rVert_2`; an optimizer's step of a skew
+        gradient is skew, and then it is :math:`\lVert S\rVert_F` itself; for Stiefel
+        weights :math:`\lVert V^TZ - Z^TV\rVert_F \le 2\lVert Z\rVert_F`, :math:`V` having
+        orthonormal rows).
         """
         working = torch.promote_types(dtype, torch.float32)
-        if working == torch.float64:
-            return working
         generator = self._generator().detach().to(working)
-        # 2 ||X||_F bounds ||S||_F >= ||S||_2 in one reduction and settles most steps (an
-        # optimizer's step of a skew gradient is skew: then the bound is ||S||_F itself;
-        # for Stiefel, ||V^T Z - Z^T V||_F <= 2 ||Z||_F as V has orthonormal rows)
         bound = 2 * torch.linalg.vector_norm(generator, dim=(-2, -1))
-        if bool((bound <= _FLOAT32_MERGE_BELOW).all()):
-            return working
+        refine = bool(bound.amax() > _REFINE_ABOVE)  # NaN: no (the merge refuses it)
+        if working == torch.float64 or bool((bound <= _FLOAT32_MERGE_BELOW).all()):
+            return working, refine
         if "skew" in self.pert._parameters:
             skew = generator - generator.mT
         else:  # rare (a large step): the dense m x m generator, O(m^2 k)
             rows = self._rows(working)
             skew = rows.mT @ generator - generator.mT @ rows
         if bool((rotations.spectral_norm_estimate(skew) <= _FLOAT32_MERGE_BELOW).all()):
-            return working
-        return torch.float64
-
-    def merge_needs_refining(self) -> bool:
-        r"""Whether :math:`\lVert S\rVert_F` exceeds ``1e3``, where the LU solve's error
-        (about :math:`\varepsilon\,\kappa(I - S/2) \le \varepsilon(1 + \lVert S\rVert_2/2)`)
-        can leave rounding level: a wild update (an exploding learning rate or loss scale)
-        whose skew matrix also has a zero eigenvalue, as every odd-sized one does, put 1e-4 of
-        orthogonality error into a float64 base per merge. One reduction per merge."""
-        norm = torch.linalg.vector_norm(self._generator().detach(), dim=(-2, -1)).amax()
-        return bool(2 * norm > _REFINE_ABOVE)  # ||X - X^T||_F <= 2 ||X||_F; NaN: no
+            return working, refine
+        return torch.float64, refine
 
     def rotate_rows(self, rows: Tensor) -> Tensor:
         if "tangent" in self.pert._parameters:
