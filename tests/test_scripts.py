@@ -23,7 +23,7 @@ RUNS: dict[str, list[str]] = {
     "benchmarks/ddp_load.py": ["--steps", "10", "--n", "4", "--merge-every", "5"],
     "benchmarks/density_kl.py": ["--datasets", "two_moons", "--steps", "5", "--batch", "32",
                                  "--layers", "4", "--lrs", "0.01", "--test", "256",
-                                 "--out", "density_kl.json"],
+                                 "--jitter", "1e-7", "--out", "density_kl.json"],
     "benchmarks/flow_step_cost.py": ["--layers", "4", "--batch", "32", "--reps", "1",
                                      "--steps", "1"],
     "benchmarks/givens_layers.py": ["--n", "8", "--layers", "1", "--rules", "keep", "--seeds", "1",
