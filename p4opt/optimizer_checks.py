@@ -65,8 +65,8 @@ def mark_stepped(perturbations: Sequence[Perturbation]) -> None:
     their caches on it (a pending update known to be zero, a cached inverse): without the
     bump, a query between merges could answer for the tensor before the step.
     """
-    stepped = [
-        p for pert in perturbations for p in pert.parameters(recurse=False) if p.grad is not None
-    ]
-    if stepped:
-        torch.autograd.graph.increment_version(stepped)
+    for pert in perturbations:
+        for p in pert.parameters(recurse=False):
+            if p.grad is not None:
+                # one tensor per call: torch < 2.5 takes no list here
+                torch.autograd.graph.increment_version(p)

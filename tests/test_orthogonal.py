@@ -652,3 +652,21 @@ def test_cayley_merge_of_a_huge_generator_stays_orthogonal(shape):
             generator.copy_(1e11 * torch.randn(generator.shape, generator=g, dtype=F64))
         assert pert.merge().accepted
     assert float(lo.orthogonality_error(pert.base).amax()) < 1e-13 and pert.validate().ok
+
+
+def test_cayley_stack_refines_finite_elements_beside_a_nan_one():
+    """A wild finite update in one element is re-orthonormalized even when another element's
+    update is NaN (refused): the folded element must pass validate()."""
+    torch.manual_seed(0)
+    mod = torch.nn.Module()
+    mod.weight = torch.nn.Parameter(torch.randn(2, 5, 5, dtype=torch.float64))
+    pert = p4opt.register(mod, "weight", p4opt.Orthogonal(method="cayley"))
+    with torch.no_grad():
+        pert.skew.normal_()
+        pert.skew[1] *= 1e8
+        pert.skew[0, 0, 1] = float("nan")
+    result = pert.merge()
+    assert result.folded == 1
+    errors = p4opt.linalg.orthogonality_error(mod.weight.detach())
+    assert errors.max() < 1e-12
+    assert pert.validate().ok

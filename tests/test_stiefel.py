@@ -323,3 +323,42 @@ def test_cayley_stiefel_huge_tangent_gives_nan_and_a_refused_merge_not_an_error(
         assert torch.equal(pert.base, before)
     pert.identity()
     assert pert.validate().ok
+
+
+def test_cayley_stiefel_at_zero_gradient_with_batch_dims_over_a_stack():
+    """x (L, *, B, m) against a stack (*, k, m): the tangent's gradient is the sum over L of
+    the per-batch gradients, each element against its own rows (not mixed across the stack)."""
+    g = torch.Generator().manual_seed(3)
+    rows = torch.linalg.qr(torch.randn(3, 5, 2, generator=g, dtype=torch.float64))[0].mT
+    x = torch.randn(4, 3, 6, 5, generator=g, dtype=torch.float64)
+    weights = torch.randn(4, 3, 6, 5, generator=g, dtype=torch.float64)
+
+    def grad_of(xs: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
+        z = torch.zeros(3, 2, 5, dtype=torch.float64, requires_grad=True)
+        (linalg.cayley_stiefel_apply_at_zero(xs, rows, z) * cs).sum().backward()
+        return z.grad
+
+    expected = sum(grad_of(x[i], weights[i]) for i in range(4))
+    assert (grad_of(x, weights) - expected).abs().max() < 1e-12
+
+
+def test_cayley_stiefel_large_tangent_with_small_generator_merges_in_float64():
+    """A tangent Z = AV with A symmetric leaves S = V^T Z - Z^T V = 0, yet the merge's
+    2k x 2k system grows with Z: the merge must not run in float32."""
+    torch.manual_seed(0)
+    for n_out, n_in in ((4, 64), (64, 4)):
+        lin = torch.nn.Linear(n_in, n_out, bias=False)
+        pert = p4opt.register(lin, "weight", p4opt.Orthogonal(method="cayley"))
+        rows = pert.strategy._rows(torch.float32)
+        a = torch.randn(4, 4)
+        a = a + a.T
+        a *= 30 / torch.linalg.matrix_norm(a, 2)
+        with torch.no_grad():
+            pert.tangent.copy_(a @ rows)
+        assert pert.strategy.merge_plan(torch.float32)[0] == torch.float64
+        before = lin.weight.detach().clone()
+        pert.merge()
+        report = pert.validate()
+        assert report.ok, report
+        assert report.figures["orthogonality_error"] < 1e-6
+        assert (lin.weight.detach() - before).abs().max() < 1e-4  # S = 0: G = I up to rounding

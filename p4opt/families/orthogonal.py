@@ -216,9 +216,14 @@ class Orthogonal(Perturbation):
         product must be re-orthonormalized before it is folded."""
         dtype, refine = self.strategy.merge_plan(self.base.dtype)
         candidate = self.apply(self.base.to(dtype))
-        if refine and bool(torch.isfinite(candidate).all()):
+        if refine:
             candidate = candidate.to(torch.float64)
-            candidate = rotations.refine_orthogonal(candidate, special=self._special)[0]
+            finite = torch.isfinite(candidate).flatten(-2).all(-1)
+            if bool(finite.all()):
+                candidate = rotations.refine_orthogonal(candidate, special=self._special)[0]
+            elif bool(finite.any()):  # refine the finite elements; the template refuses the rest
+                refined = rotations.refine_orthogonal(candidate[finite], special=self._special)[0]
+                candidate = candidate.index_put((finite,), refined)
         return Proposal(candidate=candidate)
 
     def restart(self, mask: Tensor, folded: bool) -> None:

@@ -292,8 +292,11 @@ class _CayleyStiefelAtZero(Function):
         grad_tangent = None
         if ctx.needs_input_grad[2]:
             v = rows.to(grad.dtype)
-            if x.ndim == rows.ndim:  # (*, B, m) with the stack's shape
+            if rows.ndim > 2 or x.ndim == rows.ndim:  # (..., *, B, m) against a stack (*, k, m)
                 grad_tangent = (x @ v.mT).mT @ grad - (grad @ v.mT).mT @ x
+                extra = grad_tangent.ndim - rows.ndim  # leading batch dims beyond the stack
+                if extra > 0:
+                    grad_tangent = grad_tangent.sum(tuple(range(extra)))
             else:  # plain vectors (..., m) against one (k, m): every leading dim is a batch
                 xs, gs = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
                 grad_tangent = (xs @ v.mT).mT @ gs - (gs @ v.mT).mT @ xs
