@@ -137,8 +137,8 @@ class Cayley(Rotation):
             return working, refine
         if "skew" not in self.pert._parameters:
             # Stiefel: the 2k x 2k matrix solved by the merge grows with Z itself, including
-            # the part of Z that leaves S unchanged (a large Z with a small S lost 2e-5 of
-            # orthogonality in float32), so the bound on Z decides alone
+            # the part of Z that leaves S unchanged (a large Z with a small S missed validate()'s
+            # float32 tolerance), so the bound on Z decides alone
             return torch.float64, refine
         skew = generator - generator.mT
         if bool((rotations.spectral_norm_estimate(skew) <= _FLOAT32_MERGE_BELOW).all()):
