@@ -127,7 +127,7 @@ class Cayley(Rotation):
         weights :math:`\lVert V^TZ - Z^TV\rVert_F \le 2\lVert Z\rVert_F`, :math:`V` having
         orthonormal rows). A Stiefel weight whose bound exceeds 4 merges in float64 without an
         estimate: its merge solves a :math:`2k \times 2k` system whose conditioning grows with
-        :math:`\lVert Z\rVert` itself, not only with :math:`S`).
+        :math:`\lVert Z\rVert` itself, not only with :math:`S`.
         """
         working = torch.promote_types(dtype, torch.float32)
         generator = self._generator().detach().to(working)
